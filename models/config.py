@@ -1,0 +1,78 @@
+"""VAEConfig: everything needed to rebuild a VAE, and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+Architecture = Literal["mlp", "conv"]
+Likelihood = Literal["bernoulli", "gaussian"]
+
+ARCHITECTURES: tuple[str, ...] = ("mlp", "conv")
+LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture of one VAE; written to config.json so a checkpoint rebuilds from files alone."""
+
+    # "conv" samples sharper digits for the same parameter budget; "mlp" is the classic 784-400-100.
+    architecture: Architecture = "conv"
+    # MLP: widths of the hidden layers. Conv: channels of the two stride-2 convolutions.
+    hidden_dims: tuple[int, ...] = (32, 64)
+    # 16 dims reconstruct MNIST well while keeping the prior easy to sample from.
+    latent_dim: int = 16
+    # None = unconditional; 10 = conditional on the digit (one-hot joined to input and z).
+    num_classes: int | None = 10
+    # bernoulli = BCE on pixel intensities; gaussian = MSE with a fixed or learned std.
+    likelihood: Likelihood = "bernoulli"
+    # Gaussian likelihood only: fixed pixel std, or None to learn one std shared by all pixels.
+    gaussian_std: float | None = None
+    # MNIST geometry; kept in the config so a checkpoint states what it expects.
+    image_size: int = 28
+    image_channels: int = 1
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
+            )
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
+        if not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):
+            raise ValueError(f"hidden_dims must be positive widths, got {self.hidden_dims}")
+        if self.architecture == "conv" and len(self.hidden_dims) != 2:
+            raise ValueError(
+                "a conv VAE has two stride-2 convolutions: give exactly two channel counts "
+                f"in hidden_dims, got {self.hidden_dims}"
+            )
+        if self.latent_dim <= 0:
+            raise ValueError(f"latent_dim must be positive, got {self.latent_dim}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"num_classes must be None or >= 2, got {self.num_classes}")
+        if self.gaussian_std is not None and not self.gaussian_std > 0:
+            raise ValueError(f"gaussian_std must be positive or None, got {self.gaussian_std}")
+        if self.architecture == "conv" and self.image_size % 4:
+            raise ValueError(f"conv VAE needs image_size divisible by 4, got {self.image_size}")
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def num_pixels(self) -> int:
+        return self.image_channels * self.image_size * self.image_size
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["hidden_dims"] = list(self.hidden_dims)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown VAEConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
