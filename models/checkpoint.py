@@ -22,6 +22,8 @@ from models.vae import VAE
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "vae-serve/1"
+# A subfolder that survives re-saving a checkpoint: the trainer keeps its resume state there.
+PRESERVED_SUBFOLDER = "train_state"
 
 
 class CheckpointError(Exception):
@@ -52,10 +54,14 @@ def library_versions() -> dict[str, str]:
 
 
 def save_checkpoint(
-    model: VAE, directory: str | Path, metadata: dict[str, Any] | None = None
+    model: VAE,
+    directory: str | Path,
+    metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write the checkpoint into a temporary sibling folder, then swap it into place, so a crash
-    leaves either the old checkpoint or the new one, never half of one."""
+    """Write the checkpoint (plus extra_files, e.g. metrics.json) into a temporary sibling folder,
+    then swap it into place, so a crash leaves either the old checkpoint or the new one, never
+    half of one. An existing `train_state/` subfolder is carried over."""
     target = Path(directory)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +80,10 @@ def save_checkpoint(
             "weights_sha256": sha256_of(staging / WEIGHTS_NAME),
         }
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in (CONFIG_NAME, WEIGHTS_NAME, PRESERVED_SUBFOLDER):
+                raise ValueError(f"extra file name {name!r} must be a plain, unreserved file name")
+            (staging / name).write_bytes(data)
         _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -85,6 +95,8 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
         return
+    if (target / PRESERVED_SUBFOLDER).is_dir():
+        os.replace(target / PRESERVED_SUBFOLDER, staging / PRESERVED_SUBFOLDER)
     retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.replace(target, retired / target.name)
     os.replace(staging, target)

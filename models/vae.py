@@ -366,12 +366,15 @@ class VAE(nn.Module):
     # ---- persistence -----------------------------------------------------------------------
 
     def save_pretrained(
-        self, directory: str | Path, metadata: dict[str, Any] | None = None
+        self,
+        directory: str | Path,
+        metadata: dict[str, Any] | None = None,
+        extra_files: dict[str, bytes] | None = None,
     ) -> Path:
-        """Write model.safetensors + config.json atomically; see models.checkpoint."""
+        """Write model.safetensors + config.json (+ extra files) atomically; models.checkpoint."""
         from models.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, directory, metadata)
+        return save_checkpoint(self, directory, metadata, extra_files)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VAE:
