@@ -1,0 +1,1 @@
+"""HTTP service that serves trained MNIST VAEs: decode -> predict -> encode."""

@@ -1,0 +1,132 @@
+"""Service settings, read from VAE_* environment variables and checked once at startup."""
+
+import re
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N (N = GPU index)"
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+class SettingsError(ValueError):
+    """A setting names something that is not there (a missing checkpoint folder)."""
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; each field is VAE_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="VAE_", extra="ignore")
+
+    checkpoints: str = Field(
+        default="checkpoints/default",
+        description=(
+            "Comma-separated checkpoint folders (each holding config.json), or one folder "
+            "whose subfolders are checkpoints."
+        ),
+    )
+    device: str = Field(default="auto", description=f"Where models run: {DEVICE_CHOICES}.")
+    host: str = Field(default="127.0.0.1", description="Interface to bind.")
+    port: int = Field(default=8000, ge=1, le=65535, description="TCP port to bind.")
+    max_samples: int = Field(
+        default=256, ge=1, le=4096, description="Most images one /sample request may ask for."
+    )
+    max_upload_bytes: int = Field(
+        default=10 * 1024 * 1024, gt=0, description="Largest accepted image file, in bytes."
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096,
+        gt=0,
+        description="Largest accepted image, width x height, checked before decoding.",
+    )
+    max_files: int = Field(default=64, gt=0, description="Most images in one request.")
+    max_batch_images: int = Field(
+        default=256, gt=0, description="Most images the batcher sends to a model at once."
+    )
+    max_batch_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long the batcher waits for more requests before running a batch.",
+    )
+    max_queue_images: int = Field(
+        default=4096,
+        gt=0,
+        description="Images waiting per model before requests are refused with 503.",
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="Seconds a request may wait for its result."
+    )
+    workers: int = Field(default=1, gt=0, description="Server worker processes.")
+    torch_threads: int | None = Field(
+        default=None, gt=0, description="torch.set_num_threads; unset keeps torch's default."
+    )
+    log_level: str = Field(default="info", description=f"One of {', '.join(LOG_LEVELS)}.")
+    enable_test_hooks: bool = Field(
+        default=False,
+        description="Enable fault-injection hooks for tests; never in production.",
+    )
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _has_a_checkpoint_entry(cls, value: str) -> str:
+        if not any(entry.strip() for entry in value.split(",")):
+            raise ValueError(
+                "VAE_CHECKPOINTS is empty; set it to a checkpoint folder "
+                "(one holding config.json) or a folder of them"
+            )
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        device = value.strip().lower()
+        if not _DEVICE_PATTERN.fullmatch(device):
+            raise ValueError(f"VAE_DEVICE={value!r} is not a device; use one of {DEVICE_CHOICES}")
+        return device
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(
+                f"VAE_LOG_LEVEL={value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}"
+            )
+        return level
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Expand `checkpoints` into checkpoint folders, in the order given.
+
+        A folder holding config.json is one checkpoint; any other folder stands for its
+        immediate subfolders that hold config.json, sorted by name.
+        """
+        found: list[Path] = []
+        for entry in self.checkpoints.split(","):
+            if not entry.strip():
+                continue
+            folder = Path(entry.strip()).expanduser()
+            if not folder.is_dir():
+                raise SettingsError(
+                    f"checkpoint folder {folder} does not exist; train one with vae-train "
+                    "or point VAE_CHECKPOINTS at an existing folder"
+                )
+            if (folder / "config.json").is_file():
+                found.append(folder)
+                continue
+            children = sorted(
+                child for child in folder.iterdir() if (child / "config.json").is_file()
+            )
+            if not children:
+                raise SettingsError(
+                    f"no checkpoint in {folder}: neither it nor its subfolders hold "
+                    "config.json; point VAE_CHECKPOINTS at a folder saved by vae-train"
+                )
+            found.extend(children)
+        # The same folder named twice (directly and via its parent) loads once.
+        unique: dict[Path, Path] = {}
+        for path in found:
+            unique.setdefault(path.resolve(), path)
+        return list(unique.values())
