@@ -1,0 +1,185 @@
+"""Micro-batching: concurrent requests for one model and op share one forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from app.errors import Overloaded, ServiceError, Unavailable
+from app.metrics import Metrics
+
+logger = logging.getLogger("app.batching")
+
+Inputs = dict[str, Tensor]
+RunBatch = Callable[[str, Inputs], Inputs]
+
+
+class RequestTimeout(Unavailable):
+    """The request waited past its deadline; answered instead of piling up."""
+
+    status_code = 504
+    reason = "timeout"
+
+
+@dataclass
+class _Job:
+    op: str
+    inputs: Inputs
+    images: int
+    future: asyncio.Future[Inputs]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """Per-model queue and worker. Jobs of the same op are concatenated along the batch axis,
+    up to `max_batch_images` images, and run in one forward pass on a dedicated thread.
+
+    No job waits for a batch to fill: the worker takes whatever is queued the moment it is
+    free, so a lone request runs at once, and under load the batch grows by itself while
+    the previous forward pass runs. `max_wait_s` > 0 adds a short wait to gather more.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run: RunBatch,
+        metrics: Metrics,
+        *,
+        max_batch_images: int,
+        max_queue_images: int,
+        max_wait_s: float = 0.0,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.name = name
+        self._run = run
+        self._metrics = metrics
+        self._max_batch = max_batch_images
+        self._max_queue = max_queue_images
+        self._max_wait = max_wait_s
+        self._timeout = timeout_s
+        self._pending: deque[_Job] = deque()
+        self._queued_images = 0
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self._worker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(Unavailable("the server is shutting down; retry"))
+        self._pending.clear()
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, op: str, inputs: Inputs) -> Inputs:
+        """Queue one request's inputs (leading axis = its images) and await its outputs."""
+        images = next(iter(inputs.values())).shape[0]
+        if self._queued_images + images > self._max_queue:
+            raise Overloaded(
+                f"model {self.name!r} has {self._queued_images} images queued (limit "
+                f"{self._max_queue}); retry shortly",
+                retry_after=1,
+            )
+        job = _Job(op, inputs, images, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self._queued_images += images
+        self._metrics.queue_depth.labels(self.name).set(self._queued_images)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), self._timeout)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request waited more than {self._timeout:g} s for model {self.name!r}; "
+                "retry, or send fewer images per request"
+            ) from None
+        finally:
+            # A job that timed out (or whose client went away) is dropped if still queued.
+            if not job.future.done():
+                job.future.cancel()
+
+    def _take_batch(self) -> list[_Job]:
+        """The oldest job plus queued jobs of the same op that fit under the image cap."""
+        first = self._pending.popleft()
+        batch, total, keep = [first], first.images, deque[_Job]()
+        while self._pending:
+            job = self._pending.popleft()
+            if job.op == first.op and total + job.images <= self._max_batch:
+                batch.append(job)
+                total += job.images
+            else:
+                keep.append(job)
+        self._pending = keep
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                if self._max_wait > 0:
+                    await asyncio.sleep(self._max_wait)
+                jobs = self._take_batch()
+                self._queued_images -= sum(j.images for j in jobs)
+                self._metrics.queue_depth.labels(self.name).set(self._queued_images)
+                live = [j for j in jobs if not j.future.done()]
+                if live:
+                    await self._run_jobs(live)
+
+    async def _run_jobs(self, jobs: list[_Job]) -> None:
+        op = jobs[0].op
+        try:
+            outputs = await self._forward(op, [j.inputs for j in jobs])
+        except Exception as exc:
+            if len(jobs) == 1:
+                _fail(jobs[0], exc)
+                return
+            # One bad request must not fail the others it was batched with: retry alone.
+            for job in jobs:
+                try:
+                    _succeed(job, await self._forward(op, [job.inputs]))
+                except Exception as single_exc:
+                    _fail(job, single_exc)
+            return
+        start = 0
+        for job in jobs:
+            _succeed(job, {k: v[start : start + job.images] for k, v in outputs.items()})
+            start += job.images
+
+    async def _forward(self, op: str, parts: list[Inputs]) -> Inputs:
+        inputs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        images = next(iter(inputs.values())).shape[0]
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self._executor, self._run, op, inputs)
+        self._metrics.inference_duration.labels(self.name, op).observe(
+            time.perf_counter() - started
+        )
+        self._metrics.batch_size.labels(self.name, op).observe(images)
+        return outputs
+
+
+def _succeed(job: _Job, outputs: Inputs) -> None:
+    if not job.future.done():
+        job.future.set_result(outputs)
+
+
+def _fail(job: _Job, exc: Exception) -> None:
+    if not isinstance(exc, ServiceError):
+        logger.error("forward pass %r failed: %r", job.op, exc, exc_info=exc)
+    if not job.future.done():
+        job.future.set_exception(exc)

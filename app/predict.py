@@ -1,0 +1,184 @@
+"""The predict stage: a served model's operations on decoded inputs, through its micro-batcher.
+
+Randomness is drawn here, on the CPU, from a generator seeded per request, so a response is
+reproducible from its seed whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from app.batching import MicroBatcher
+from app.errors import BadRequest
+from app.inference import NO_DIGIT, one_hot
+from app.registry import LoadedModel
+from models import VAE
+
+MAX_DRAWN_SEED = 2**53 - 1  # drawn seeds stay exact in JavaScript numbers
+
+
+def draw_seed() -> int:
+    return secrets.randbelow(MAX_DRAWN_SEED + 1)
+
+
+@dataclass
+class Generated:
+    """Decoded images (N, 1, 28, 28) with the digit of each (None when unconditional)."""
+
+    images: Tensor
+    digits: list[int] | None
+    latents: Tensor
+
+
+@dataclass
+class Endpoint:
+    """One end of an interpolation: a latent, an image, or just a digit (z from the prior)."""
+
+    z: Tensor | None = None
+    image: Tensor | None = None
+    digit: int | None = None
+
+
+class ModelHandle:
+    """What the routes call: one loaded model and its batcher."""
+
+    def __init__(self, entry: LoadedModel, batcher: MicroBatcher) -> None:
+        self.entry = entry
+        self.batcher = batcher
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.entry.model.config.num_classes
+
+    def check_digit(self, digit: int | None, what: str = "digit") -> None:
+        """400 when a digit does not fit the model: unconditional, or out of range."""
+        if digit is None:
+            return
+        if self.num_classes is None:
+            raise BadRequest(
+                f"model {self.name!r} is unconditional: it takes no {what}; omit it, or use a "
+                "conditional model (GET /models)"
+            )
+        if not 0 <= digit < self.num_classes:
+            raise BadRequest(f"{what} must be in 0..{self.num_classes - 1}, got {digit}")
+
+    def _labels(self, digits: Tensor) -> dict[str, Tensor]:
+        return {} if self.num_classes is None else {"labels": one_hot(digits, self.num_classes)}
+
+    def _digit_input(self, digit: int | None, n: int) -> dict[str, Tensor]:
+        if self.num_classes is None:
+            return {}
+        return {"digit": torch.full((n,), NO_DIGIT if digit is None else digit, dtype=torch.long)}
+
+    async def decode(self, z: Tensor, labels: Tensor | None) -> Tensor:
+        """z (N, L) and one-hot/blended labels (N, C) or None -> images (N, 1, 28, 28)."""
+        inputs = {"z": z} if labels is None else {"z": z, "labels": labels}
+        return (await self.batcher.submit("decode", inputs))["images"]
+
+    async def sample(self, n: int, digit: int | None, temperature: float, seed: int) -> Generated:
+        self.check_digit(digit)
+        generator = torch.Generator().manual_seed(seed)
+        z = temperature * torch.randn(n, self.entry.latent_dim, generator=generator)
+        digits = None
+        if self.num_classes is not None:
+            digits = (
+                torch.full((n,), digit, dtype=torch.long)
+                if digit is not None
+                else torch.randint(0, self.num_classes, (n,), generator=generator)
+            )
+        labels = None if digits is None else one_hot(digits, self.num_classes or 0)
+        images = await self.decode(z, labels)
+        return Generated(images, None if digits is None else digits.tolist(), z)
+
+    async def encode(self, x: Tensor, digit: int | None) -> dict[str, Tensor]:
+        """mu, logvar (N, L) and, for conditional models, the digit used and its probability."""
+        self.check_digit(digit)
+        return await self.batcher.submit("encode", {"x": x, **self._digit_input(digit, len(x))})
+
+    async def reconstruct(self, x: Tensor, digit: int | None) -> tuple[Tensor, Tensor]:
+        self.check_digit(digit)
+        out = await self.batcher.submit("reconstruct", {"x": x, **self._digit_input(digit, len(x))})
+        return out["images"], out["error"]
+
+    async def variations(
+        self, x: Tensor, n: int, scale: float, seed: int, digit: int | None
+    ) -> Generated:
+        """n draws of q(z | x) with the std multiplied by scale, decoded."""
+        encoded = await self.encode(x, digit)
+        generator = torch.Generator().manual_seed(seed)
+        std = torch.exp(0.5 * encoded["logvar"][0])
+        z = encoded["mu"][0] + scale * std * torch.randn(
+            n, self.entry.latent_dim, generator=generator
+        )
+        digits = None
+        if "digit" in encoded:
+            digits = encoded["digit"].expand(n)
+        images = await self.decode(z, None if digits is None else self._labels(digits)["labels"])
+        return Generated(images, None if digits is None else digits.tolist(), z)
+
+    async def interpolate(
+        self,
+        start: Endpoint,
+        end: Endpoint,
+        steps: int,
+        method: Literal["slerp", "linear"],
+        seed: int,
+    ) -> Generated:
+        """Frames from start to end; for conditional models the label blends from a to b too."""
+        generator = torch.Generator().manual_seed(seed)
+        shared_z = torch.randn(self.entry.latent_dim, generator=generator)
+        z0, d0 = await self._resolve(start, shared_z)
+        z1, d1 = await self._resolve(end, shared_z)
+        latents = VAE.interpolate(z0, z1, steps, method)
+        labels = None
+        digits: list[int] | None = None
+        if self.num_classes is not None:
+            assert d0 is not None and d1 is not None
+            t = torch.linspace(0.0, 1.0, steps)[:, None]
+            pair = one_hot(torch.tensor([d0, d1]), self.num_classes)
+            labels = (1 - t) * pair[0] + t * pair[1]
+            digits = labels.argmax(1).tolist()
+        images = await self.decode(latents, labels)
+        return Generated(images, digits, latents)
+
+    async def _resolve(self, endpoint: Endpoint, shared_z: Tensor) -> tuple[Tensor, int | None]:
+        self.check_digit(endpoint.digit)
+        if endpoint.image is not None:
+            encoded = await self.encode(endpoint.image[None], endpoint.digit)
+            digit = int(encoded["digit"][0]) if "digit" in encoded else None
+            return encoded["mu"][0], digit
+        if endpoint.z is not None:
+            if len(endpoint.z) != self.entry.latent_dim:
+                raise BadRequest(
+                    f"z has {len(endpoint.z)} values; model {self.name!r} has latent_dim "
+                    f"{self.entry.latent_dim}"
+                )
+            if self.num_classes is not None and endpoint.digit is None:
+                raise BadRequest(
+                    f"model {self.name!r} is conditional: give a 'digit' with each 'z' endpoint"
+                )
+            return endpoint.z, endpoint.digit
+        if endpoint.digit is None:
+            raise BadRequest("an endpoint needs 'z', 'image' or 'digit'")
+        if self.num_classes is None:
+            raise BadRequest(
+                f"model {self.name!r} is unconditional: give endpoints as 'z' or 'image'"
+            )
+        return shared_z, endpoint.digit
+
+    async def anomaly(self, x: Tensor) -> dict[str, Tensor]:
+        if not bool(self.entry.model.anomaly_fitted) or self.entry.anomaly_threshold is None:
+            raise BadRequest(
+                f"model {self.name!r} has no anomaly calibration; retrain it with vae-train "
+                "(which calibrates at the end) or use another model"
+            )
+        return await self.batcher.submit("anomaly", {"x": x})

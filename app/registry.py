@@ -1,0 +1,137 @@
+"""Loading checkpoints once, onto the right device, and looking models up by name."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.errors import ModelNotFound
+from app.settings import Settings, SettingsError
+from models import VAE, load_checkpoint
+
+logger = logging.getLogger("app.registry")
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` -> the first GPU when one is visible, else the CPU; an explicit GPU must exist."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError(
+                f"VAE_DEVICE={requested} but no CUDA device is visible; use VAE_DEVICE=auto or cpu"
+            )
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise SettingsError(
+                f"VAE_DEVICE={requested} but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    return device
+
+
+@dataclass
+class LoadedModel:
+    """One served model: the network (eval mode, on device) and its checkpoint's metadata."""
+
+    name: str
+    model: VAE
+    metadata: dict[str, Any]
+    path: Path
+    device: torch.device
+    anomaly_quantiles: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        quantiles = self.metadata.get("anomaly", {}).get("quantiles") or []
+        self.anomaly_quantiles = torch.tensor(quantiles, dtype=torch.float64)
+
+    @property
+    def conditional(self) -> bool:
+        return self.model.config.conditional
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.config.latent_dim
+
+    @property
+    def anomaly_threshold(self) -> float | None:
+        threshold = self.metadata.get("anomaly", {}).get("threshold")
+        return None if threshold is None else float(threshold)
+
+    def percentile(self, score: float) -> float | None:
+        """Where score falls in the validation scores (0..100), from the saved percentiles."""
+        q = self.anomaly_quantiles
+        if q.numel() < 2:
+            return None
+        if score <= float(q[0]):
+            return 0.0
+        if score >= float(q[-1]):
+            return 100.0
+        upper = int(torch.searchsorted(q, torch.tensor(score, dtype=q.dtype), right=True))
+        lo, hi = float(q[upper - 1]), float(q[upper])
+        fraction = 0.0 if hi == lo else (score - lo) / (hi - lo)
+        return 100.0 * (upper - 1 + fraction) / (q.numel() - 1)
+
+    def describe(self) -> dict[str, Any]:
+        """The model's card for GET /models."""
+        config = self.model.config
+        meta = self.metadata
+        training = meta.get("training", {})
+        anomaly = meta.get("anomaly", {})
+        return {
+            "name": self.name,
+            "architecture": config.architecture,
+            "conditional": config.conditional,
+            "num_classes": config.num_classes,
+            "latent_dim": config.latent_dim,
+            "likelihood": config.likelihood,
+            "device": str(self.device),
+            "path": str(self.path),
+            "dataset": meta.get("dataset"),
+            "epochs": training.get("epochs_run", training.get("epochs")),
+            "metrics": meta.get("metrics", {}),
+            "anomaly": {k: v for k, v in anomaly.items() if k != "quantiles"},
+            "created_at": meta.get("created_at"),
+            "weights_sha256": meta.get("weights_sha256"),
+        }
+
+
+class Registry:
+    """The loaded models by name; the first configured one is the default."""
+
+    def __init__(self, models: list[LoadedModel]) -> None:
+        if not models:
+            raise SettingsError("no model to serve; set VAE_CHECKPOINTS")
+        self.models = {m.name: m for m in models}
+        self.default = models[0].name
+
+    def get(self, name: str | None) -> LoadedModel:
+        key = self.default if name is None else name
+        try:
+            return self.models[key]
+        except KeyError:
+            raise ModelNotFound(
+                f"no model named {key!r}; loaded models: {', '.join(self.models)} (GET /models)"
+            ) from None
+
+    @classmethod
+    def load(cls, settings: Settings) -> Registry:
+        """Load every configured checkpoint; CheckpointError/SettingsError name the problem."""
+        device = resolve_device(settings.device)
+        if device.type == "cpu":
+            logger.info("no GPU in use: serving on the CPU (VAE_DEVICE=%s)", settings.device)
+        models: list[LoadedModel] = []
+        for folder in settings.checkpoint_dirs():
+            name = folder.resolve().name
+            if any(m.name == name for m in models):
+                raise SettingsError(
+                    f"two checkpoints are named {name!r}; give checkpoint folders distinct names"
+                )
+            checkpoint = load_checkpoint(folder, device)
+            models.append(LoadedModel(name, checkpoint.model, checkpoint.metadata, folder, device))
+            logger.info("loaded model %r from %s on %s", name, folder, device)
+        return cls(models)

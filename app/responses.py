@@ -1,0 +1,68 @@
+"""The encode stage: images and results -> PNG, GIF or JSON, chosen by the Accept header."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.imaging import encode_gif, encode_png, make_grid_png, to_base64
+
+PNG, GIF, JSON = "image/png", "image/gif", "application/json"
+
+
+def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
+    """The offer the client prefers by Accept q-values; the first offer when none matches."""
+    best, best_q = offers[0], 0.0
+    for item in (accept or "").split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        for rank, offer in enumerate(offers):
+            kind, _, _ = offer.partition("/")
+            if media in (offer, f"{kind}/*", "*/*"):
+                # Exact types beat wildcards at equal q; earlier offers beat later ones.
+                score = q + (0.001 if media == offer else 0.0) - rank * 1e-6
+                if score > best_q:
+                    best, best_q = offer, score
+    return best
+
+
+def images_json(images: torch.Tensor) -> list[str]:
+    return [to_base64(encode_png(image)) for image in images]
+
+
+async def image_response(
+    request: Request,
+    images: torch.Tensor,
+    *,
+    nrow: int,
+    meta: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    gif: bool = False,
+) -> Response:
+    """One PNG (a grid when several images), an animated GIF when allowed and asked for, or
+    JSON with `images` as base64 PNGs plus `meta`."""
+    offers = (PNG, JSON, GIF) if gif else (PNG, JSON)
+    kind = negotiate(request.headers.get("accept"), offers)
+    if kind == JSON:
+        encoded = await run_in_threadpool(images_json, images)
+        return JSONResponse({**meta, "images": encoded}, headers=headers)
+    if kind == GIF:
+        return Response(
+            await run_in_threadpool(encode_gif, images), media_type=GIF, headers=headers
+        )
+    if len(images) == 1:
+        body = await run_in_threadpool(encode_png, images[0])
+    else:
+        body = await run_in_threadpool(make_grid_png, images, nrow)
+    return Response(body, media_type=PNG, headers=headers)

@@ -1,0 +1,124 @@
+"""Analysis of uploaded images: encoding, reconstruction, anomaly scoring."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.imaging import heatmap_png, make_grid_png, to_base64
+from app.responses import JSON, PNG, images_json, negotiate
+from app.routes import error_responses, image_content
+from app.routes.generate import DigitQuery, Invert
+from app.schemas import AnomalyJSON, EncodeJSON, ReconstructJSON
+from app.state import ModelDep, StateDep
+from app.uploads import multipart_body, read_images
+
+router = APIRouter(tags=["analysis"])
+UPLOAD_ERRORS = error_responses(400, 404, 413, 415, 422, 503)
+
+
+@router.post(
+    "/encode",
+    response_model=EncodeJSON,
+    responses=UPLOAD_ERRORS,
+    openapi_extra=multipart_body(True),
+)
+async def encode(
+    request: Request,
+    state: StateDep,
+    handle: ModelDep,
+    digit: DigitQuery = None,
+    invert: Invert = False,
+) -> EncodeJSON:
+    """Posterior mean and log-variance of each uploaded image."""
+    handle.check_digit(digit)
+    x = await read_images(request, state.settings, invert=invert)
+    out = await handle.encode(x, digit)
+    items = [
+        {
+            "mu": out["mu"][i].tolist(),
+            "logvar": out["logvar"][i].tolist(),
+            "digit": int(out["digit"][i]) if "digit" in out else None,
+            "digit_probability": float(out["digit_probability"][i]) if "digit" in out else None,
+        }
+        for i in range(len(x))
+    ]
+    return EncodeJSON.model_validate(
+        {"model": handle.name, "latent_dim": handle.entry.latent_dim, "items": items}
+    )
+
+
+@router.post(
+    "/reconstruct",
+    responses={**image_content(ReconstructJSON), **UPLOAD_ERRORS},
+    openapi_extra=multipart_body(True),
+)
+async def reconstruct(
+    request: Request,
+    state: StateDep,
+    handle: ModelDep,
+    digit: DigitQuery = None,
+    invert: Invert = False,
+) -> Response:
+    """Each uploaded image beside its reconstruction (one row per input)."""
+    handle.check_digit(digit)
+    x = await read_images(request, state.settings, invert=invert)
+    images, error = await handle.reconstruct(x, digit)
+    if negotiate(request.headers.get("accept"), (PNG, JSON)) == JSON:
+        encoded = await run_in_threadpool(images_json, images)
+        items = [{"image": img, "error": float(e)} for img, e in zip(encoded, error, strict=True)]
+        return JSONResponse({"model": handle.name, "items": items})
+    pairs = torch.stack([x, images], dim=1).flatten(0, 1)  # (2N, 1, 28, 28): input, output, ...
+    return Response(await run_in_threadpool(make_grid_png, pairs, 2), media_type=PNG)
+
+
+@router.post(
+    "/anomaly-score",
+    response_model=AnomalyJSON,
+    responses=UPLOAD_ERRORS,
+    openapi_extra=multipart_body(True),
+)
+async def anomaly_score(
+    request: Request,
+    state: StateDep,
+    handle: ModelDep,
+    threshold: Annotated[
+        float | None,
+        Query(allow_inf_nan=False, description="Override the checkpoint's calibrated threshold."),
+    ] = None,
+    heatmap: Annotated[bool, Query(description="Include a per-pixel error heatmap.")] = False,
+    invert: Invert = False,
+) -> AnomalyJSON:
+    """Anomaly score of each uploaded image: higher = more anomalous."""
+    x = await read_images(request, state.settings, invert=invert)
+    out = await handle.anomaly(x)
+    entry = handle.entry
+    limit = entry.anomaly_threshold if threshold is None else threshold
+    assert limit is not None  # handle.anomaly refuses uncalibrated models
+    histogram = state.metrics.anomaly_score.labels(handle.name)
+    heatmaps = (
+        await run_in_threadpool(lambda: [to_base64(heatmap_png(m)) for m in out["error_map"]])
+        if heatmap
+        else [None] * len(x)
+    )
+    items = []
+    for i, score in enumerate(out["score"].tolist()):
+        histogram.observe(score)
+        items.append(
+            {
+                "score": score,
+                "is_anomaly": score > limit,
+                "percentile": entry.percentile(score),
+                "digit": int(out["digit"][i]) if "digit" in out else None,
+                "digit_probability": float(out["digit_probability"][i]) if "digit" in out else None,
+                "heatmap": heatmaps[i],
+            }
+        )
+    kind = str(entry.metadata.get("anomaly", {}).get("score_kind", "unknown"))
+    return AnomalyJSON.model_validate(
+        {"model": handle.name, "threshold": limit, "score_kind": kind, "items": items}
+    )

@@ -1,0 +1,175 @@
+"""Generation: sampling the prior, decoding latents, interpolating, variations of an input."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import BadRequest, InvalidInput
+from app.imaging import decode_base64_image
+from app.inference import one_hot
+from app.predict import Endpoint, Generated, draw_seed
+from app.responses import image_response
+from app.routes import error_responses, image_content
+from app.schemas import (
+    DecodeRequest,
+    GeneratedJSON,
+    InterpolateRequest,
+    InterpolationEnd,
+    InterpolationJSON,
+)
+from app.state import ModelDep, StateDep
+from app.uploads import multipart_body, read_images
+
+router = APIRouter(tags=["generation"])
+
+Nrow = Annotated[int, Query(ge=1, le=4096, description="Images per row of the PNG grid.")]
+Temperature = Annotated[
+    float,
+    Query(gt=0, le=2, allow_inf_nan=False, description="Scales the prior's std (0 < t <= 2)."),
+]
+SeedQuery = Annotated[
+    int | None,
+    Query(ge=0, le=2**63 - 1, description="Makes the response reproducible; drawn if omitted."),
+]
+DigitQuery = Annotated[int | None, Query(ge=0, le=9, description="Digit (conditional models).")]
+Invert = Annotated[bool, Query(description="Flip black-on-white input to white-on-black.")]
+GENERATED = {**image_content(GeneratedJSON), **error_responses(400, 404, 413, 415, 422, 503)}
+
+
+def _check_count(n: int, limit: int) -> None:
+    if n > limit:
+        raise InvalidInput(f"n={n} is over this server's limit of {limit} (VAE_MAX_SAMPLES)")
+
+
+async def _respond(
+    request: Request, model: str, generated: Generated, seed: int, nrow: int
+) -> Response:
+    meta = {"model": model, "seed": seed, "digits": generated.digits}
+    return await image_response(
+        request, generated.images, nrow=nrow, meta=meta, headers={"X-Seed": str(seed)}
+    )
+
+
+@router.post("/sample", responses=GENERATED)
+async def sample(
+    request: Request,
+    state: StateDep,
+    handle: ModelDep,
+    n: Annotated[int, Query(ge=1, le=4096, description="Images to draw.")] = 1,
+    digit: DigitQuery = None,
+    temperature: Temperature = 1.0,
+    seed: SeedQuery = None,
+    nrow: Nrow = 8,
+) -> Response:
+    """Draw n images from the prior, of one digit or (conditional models) of random digits."""
+    _check_count(n, state.settings.max_samples)
+    seed = draw_seed() if seed is None else seed
+    generated = await handle.sample(n, digit, temperature, seed)
+    return await _respond(request, handle.name, generated, seed, nrow)
+
+
+@router.post("/decode", responses=GENERATED)
+async def decode(
+    request: Request, state: StateDep, handle: ModelDep, body: DecodeRequest, nrow: Nrow = 8
+) -> Response:
+    """Decode latent vectors into images."""
+    _check_count(len(body.z), state.settings.max_samples)
+    latent_dim = handle.entry.latent_dim
+    for index, row in enumerate(body.z):
+        if len(row) != latent_dim:
+            raise InvalidInput(
+                f"z[{index}] has {len(row)} values; model {handle.name!r} has latent_dim "
+                f"{latent_dim}"
+            )
+    z = torch.tensor(body.z, dtype=torch.float32)
+    digits: list[int] | None = None
+    if handle.num_classes is None:
+        if body.digit is not None:
+            handle.check_digit(0)  # raises: this model takes no digit
+    else:
+        if body.digit is None:
+            raise BadRequest(f"model {handle.name!r} is conditional: give 'digit' (0..9)")
+        digits = body.digit if isinstance(body.digit, list) else [body.digit] * len(body.z)
+        if len(digits) != len(body.z):
+            raise InvalidInput(f"'digit' has {len(digits)} entries for {len(body.z)} rows of z")
+        for d in digits:
+            handle.check_digit(d)
+    labels = None
+    if digits is not None and handle.num_classes is not None:
+        labels = one_hot(torch.tensor(digits), handle.num_classes)
+    images = await handle.decode(z, labels)
+    meta = {"model": handle.name, "seed": 0, "digits": digits}
+    return await image_response(request, images, nrow=nrow, meta=meta, headers={"X-Seed": "0"})
+
+
+@router.post(
+    "/interpolate",
+    responses={
+        **image_content(InterpolationJSON, gif=True),
+        **error_responses(400, 404, 413, 415, 422, 503),
+    },
+)
+async def interpolate(
+    request: Request, state: StateDep, handle: ModelDep, body: InterpolateRequest
+) -> Response:
+    """Frames between two digits, latents or images: a PNG strip, a GIF, or JSON."""
+    seed = draw_seed() if body.seed is None else body.seed
+    settings = state.settings
+
+    def endpoint(end: InterpolationEnd) -> Endpoint:
+        image = None
+        if end.image is not None:
+            image = decode_base64_image(
+                end.image,
+                max_bytes=settings.max_upload_bytes,
+                max_pixels=settings.max_image_pixels,
+                invert=end.invert,
+            )
+        z = None if end.z is None else torch.tensor(end.z, dtype=torch.float32)
+        return Endpoint(z=z, image=image, digit=end.digit)
+
+    start = await run_in_threadpool(endpoint, body.start)
+    end = await run_in_threadpool(endpoint, body.end)
+    generated = await handle.interpolate(start, end, body.steps, body.method, seed)
+    meta = {
+        "model": handle.name,
+        "seed": seed,
+        "digits": generated.digits,
+        "latents": generated.latents.tolist(),
+    }
+    return await image_response(
+        request,
+        generated.images,
+        nrow=body.steps,
+        meta=meta,
+        headers={"X-Seed": str(seed)},
+        gif=True,
+    )
+
+
+@router.post("/variations", responses=GENERATED, openapi_extra=multipart_body(many=False))
+async def variations(
+    request: Request,
+    state: StateDep,
+    handle: ModelDep,
+    n: Annotated[int, Query(ge=1, le=4096, description="Variations to draw.")] = 8,
+    scale: Annotated[
+        float, Query(ge=0, le=3, allow_inf_nan=False, description="Multiplies the posterior std.")
+    ] = 1.0,
+    seed: SeedQuery = None,
+    digit: DigitQuery = None,
+    invert: Invert = False,
+    nrow: Nrow = 8,
+) -> Response:
+    """Samples of q(z | x) around an uploaded image, decoded."""
+    _check_count(n, state.settings.max_samples)
+    handle.check_digit(digit)
+    x = await read_images(request, state.settings, invert=invert, many=False)
+    seed = draw_seed() if seed is None else seed
+    generated = await handle.variations(x, n, scale, seed, digit)
+    return await _respond(request, handle.name, generated, seed, nrow)

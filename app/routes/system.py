@@ -1,0 +1,49 @@
+"""Operations endpoints: model cards, liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.errors import NotReady
+from app.routes import error_responses
+from app.schemas import ModelsJSON
+from app.state import StateDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/models", response_model=ModelsJSON, responses=error_responses(503))
+def list_models(state: StateDep) -> ModelsJSON:
+    """The loaded models: architecture, device, dataset, metrics, anomaly calibration."""
+    if not state.ready or state.registry is None:
+        raise NotReady("models are still loading; retry when GET /readyz answers 200")
+    registry = state.registry
+    return ModelsJSON(
+        default=registry.default, models=[m.describe() for m in registry.models.values()]
+    )
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """200 while the process is alive."""
+    return {"status": "alive"}
+
+
+@router.get("/readyz", responses=error_responses(503))
+def readyz(state: StateDep) -> JSONResponse:
+    """200 once every configured model is loaded and warmed up; 503 before."""
+    if not state.ready or state.registry is None:
+        raise NotReady("models are loading")
+    return JSONResponse({"status": "ready", "models": list(state.registry.models)})
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(state: StateDep) -> Response:
+    """Prometheus text format."""
+    if torch.cuda.is_available() and state.registry is not None:
+        for device in {m.device for m in state.registry.models.values() if m.device.type == "cuda"}:
+            state.metrics.gpu_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,49 @@
+"""What the running app holds: settings, metrics, and the models once they are loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from app.batching import MicroBatcher
+from app.errors import NotReady
+from app.metrics import Metrics
+from app.predict import ModelHandle
+from app.registry import Registry
+from app.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    registry: Registry | None = None
+    batchers: dict[str, MicroBatcher] = field(default_factory=dict)
+    ready: bool = False
+
+    def handle(self, model: str | None) -> ModelHandle:
+        if not self.ready or self.registry is None:
+            raise NotReady("models are still loading; retry when GET /readyz answers 200")
+        entry = self.registry.get(model)
+        return ModelHandle(entry, self.batchers[entry.name])
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+def get_model(
+    state: Annotated[ServiceState, Depends(get_state)],
+    model: Annotated[
+        str | None,
+        Query(description="Name of a loaded model (GET /models); default: the first configured."),
+    ] = None,
+) -> ModelHandle:
+    return state.handle(model)
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+ModelDep = Annotated[ModelHandle, Depends(get_model)]

@@ -1,0 +1,99 @@
+"""The decode stage for uploads: multipart `file` fields -> image tensors, every limit enforced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from app.errors import InvalidInput, PayloadTooLarge, UnsupportedImage
+from app.imaging import decode_image
+from app.settings import Settings
+
+FIELD = "file"
+
+
+def multipart_body(many: bool) -> dict[str, Any]:
+    """OpenAPI description of the multipart body (the form is parsed by hand, with limits)."""
+    binary = {"type": "string", "format": "binary"}
+    file_schema = (
+        {"type": "array", "items": binary, "minItems": 1, "description": "one or more images"}
+        if many
+        else {**binary, "description": "one image"}
+    )
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [FIELD],
+                        "properties": {FIELD: file_schema},
+                    }
+                }
+            },
+        }
+    }
+
+
+async def read_images(
+    request: Request, settings: Settings, *, invert: bool, many: bool = True
+) -> torch.Tensor:
+    """The uploaded images as (N, 1, 28, 28) floats in [0, 1]."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise InvalidInput(
+            f"send images as multipart/form-data with field '{FIELD}' "
+            f"(e.g. curl -F {FIELD}=@digit.png); got content-type {content_type or 'none'!r}"
+        )
+    limit = settings.max_files if many else 1
+    try:
+        form = await request.form(max_files=limit, max_fields=16, max_part_size=64 * 1024)
+    except HTTPException as exc:
+        if exc.status_code == 413:
+            raise
+        if "Too many files" in str(exc.detail):
+            raise PayloadTooLarge(
+                f"too many files: at most {limit} per request (VAE_MAX_FILES)"
+            ) from None
+        raise InvalidInput(f"malformed multipart body: {exc.detail}") from None
+    parts = form.getlist(FIELD)
+    if not parts:
+        raise InvalidInput(f"no '{FIELD}' field in the form: upload the image as '{FIELD}'")
+    blobs: list[bytes] = []
+    for index, part in enumerate(parts):
+        if not isinstance(part, UploadFile):
+            raise UnsupportedImage(
+                f"'{FIELD}' #{index} is a text field, not a file upload (use -F {FIELD}=@path)"
+            )
+        if part.size is not None and part.size > settings.max_upload_bytes:
+            raise PayloadTooLarge(
+                f"'{FIELD}' #{index} ({part.filename}) is {part.size} bytes; the limit is "
+                f"{settings.max_upload_bytes} bytes (VAE_MAX_UPLOAD_BYTES)"
+            )
+        blobs.append(await part.read(settings.max_upload_bytes + 1))
+    return await run_in_threadpool(_decode_all, blobs, settings, invert)
+
+
+def _decode_all(blobs: list[bytes], settings: Settings, invert: bool) -> torch.Tensor:
+    images = []
+    for index, data in enumerate(blobs):
+        try:
+            images.append(
+                decode_image(
+                    data,
+                    max_bytes=settings.max_upload_bytes,
+                    max_pixels=settings.max_image_pixels,
+                    invert=invert,
+                )
+            )
+        except (UnsupportedImage, PayloadTooLarge) as exc:
+            if len(blobs) > 1:
+                exc.detail = f"'{FIELD}' #{index}: {exc.detail}"
+            raise
+    return torch.stack(images)
