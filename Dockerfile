@@ -1,0 +1,79 @@
+# syntax=docker/dockerfile:1
+# Image of the VAE service; the trainer runs the same image with another command.
+#
+# Base: the official PyTorch runtime image, pinned by tag, for both stages.
+# - It ships torch 2.8.0 and torchvision 0.23 built against CUDA 12.8 and cuDNN 9, so the GPU
+#   stack comes ready-made and tested together; the host needs only the NVIDIA driver (R570 or
+#   newer for CUDA 12.8) and the NVIDIA Container Toolkit. On a host without a GPU the same
+#   image runs on CPU (VAE_DEVICE=auto falls back and logs it).
+# - "runtime", not "devel": the service compiles nothing, and devel adds gigabytes of toolkit.
+# - torch 2.8.0 satisfies pyproject's torch>=2.3,<2.15 (and torchvision 0.23 its
+#   torchvision>=0.18,<0.30), so pip keeps the base's CUDA build instead of downloading another
+#   torch; the dependency step below fails the build if that ever stops being true.
+# - Its Python (3.11, in /opt/conda) meets requires-python >=3.11.
+# - A tag, never `latest`: rebuilds are reproducible and a torch upgrade is a reviewed diff
+#   (tests/deploy/test_dockerfile.py checks the tag's torch against pyproject's range).
+ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+
+FROM ${BASE_IMAGE} AS build
+
+# A venv that still sees the base image's site-packages: torch stays where the base put it,
+# and the runtime stage copies this one folder.
+RUN python -m venv --system-site-packages /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+
+# Dependencies first, read from pyproject.toml alone: this layer is rebuilt when the
+# dependencies change, not on every source edit.
+COPY pyproject.toml ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps))" \
+    && pip install -r /tmp/requirements.txt \
+    && python -c "import torch; assert torch.__file__.startswith('/opt/conda/'), 'pip replaced the base image torch: ' + torch.__file__"
+
+# Then the source, installed as a package (not run from a bind mount); --no-deps because the
+# layer above already holds every dependency.
+COPY README.md ./
+COPY app ./app
+COPY models ./models
+COPY training ./training
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps .
+
+
+FROM ${BASE_IMAGE} AS runtime
+
+LABEL org.opencontainers.image.title="vae-serve" \
+      org.opencontainers.image.description="Variational autoencoders trained on MNIST, served over HTTP"
+
+# A fixed numeric uid so orchestrators can check runAsNonRoot. /checkpoints belongs to it:
+# Docker copies that ownership into an empty named volume mounted there, so the trainer (and
+# the api's first-start training) can write checkpoints.
+RUN groupadd --system --gid 10001 vae \
+    && useradd --system --uid 10001 --gid vae --create-home --home-dir /home/vae vae \
+    && mkdir -p /checkpoints \
+    && chown vae:vae /checkpoints
+
+COPY --from=build /opt/venv /opt/venv
+
+# Settings come from the environment (VAE_*); these are the image's defaults, and
+# docker-compose.yml or `docker run -e` override them.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    VAE_HOST=0.0.0.0 \
+    VAE_PORT=8000 \
+    VAE_DEVICE=auto \
+    VAE_CHECKPOINTS=/checkpoints/default
+
+WORKDIR /home/vae
+USER 10001:10001
+EXPOSE 8000
+
+# Healthy means ready (all models loaded), not merely alive. The base image has no curl, and
+# Python's urllib needs nothing extra: urlopen raises on a 503, so the check exits non-zero.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('VAE_PORT', '8000'), timeout=4)"]
+
+CMD ["python", "-m", "app"]

@@ -1,0 +1,398 @@
+"""deploy/prometheus: promtool accepts config and rules, the alerts fire when they should, and a
+real Prometheus scrapes the service's exporter and evaluates the rules."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.metrics import Metrics
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
+RULES = REPO / "deploy" / "prometheus" / "rules.yml"
+JOB = "vae-api"
+
+
+def executable(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"`{name}` is not on PATH (Debian/Ubuntu: apt-get install prometheus)")
+    return path
+
+
+def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [executable("promtool"), *args], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+@pytest.fixture(scope="module")
+def rules() -> list[dict[str, Any]]:
+    return [
+        rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]
+    ]
+
+
+def test_scrapes_the_api_every_5_seconds(config: dict[str, Any]) -> None:
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == JOB]
+    assert job["scrape_interval"] == "5s"
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for static in job["static_configs"] for t in static["targets"]]
+    assert targets == ["api:8000"]  # the compose service name and the api's fixed port
+
+
+def test_loads_the_rules_beside_it(config: dict[str, Any]) -> None:
+    assert [(CONFIG.parent / path).resolve() for path in config["rule_files"]] == [RULES]
+
+
+def test_promtool_accepts_the_config() -> None:
+    run_promtool("check", "config", str(CONFIG))
+
+
+def test_promtool_accepts_the_rules() -> None:
+    run_promtool("check", "rules", str(RULES))
+
+
+def test_records_latency_quantiles_rate_and_error_ratio(rules: list[dict[str, Any]]) -> None:
+    recorded = {rule["record"] for rule in rules if "record" in rule}
+    assert {
+        "route:vae_request_duration_seconds:p50_5m",
+        "route:vae_request_duration_seconds:p95_5m",
+        "route:vae_request_duration_seconds:p99_5m",
+        "route:vae_requests:rate5m",
+        "job:vae_requests:rate5m",
+        "route:vae_requests_errors:ratio_rate5m",
+        "job:vae_requests_errors:ratio_rate5m",
+    } <= recorded
+
+
+def test_every_alert_has_a_severity_and_a_summary(rules: list[dict[str, Any]]) -> None:
+    alerts = [rule for rule in rules if "alert" in rule]
+    assert {a["alert"] for a in alerts} == {
+        "VaeApiDown",
+        "VaeApiAbsent",
+        "VaeApiHighLatencyP99",
+        "VaeApiHighErrorRatio",
+    }
+    for alert in alerts:
+        assert alert["labels"]["severity"] in ("warning", "critical"), alert["alert"]
+        assert alert["annotations"]["summary"], alert["alert"]
+        assert "for" in alert, f"{alert['alert']} would fire on a single bad evaluation"
+
+
+def firing(alertname: str, value: int = 1, **labels: str) -> dict[str, Any]:
+    """An `ALERTS` sample of a firing alert, as promtool's expression tests expect it."""
+    matchers = {"alertname": alertname, "alertstate": "firing", **labels}
+    series = "ALERTS{" + ", ".join(f'{k}="{v}"' for k, v in sorted(matchers.items())) + "}"
+    return {"labels": series, "value": value}
+
+
+def request_counts(route: str, status: str, per_15s: int) -> dict[str, str]:
+    series = (
+        f'vae_request_duration_seconds_count{{job="{JOB}", instance="api:8000", '
+        f'route="{route}", method="POST", status="{status}"}}'
+    )
+    return {"series": series, "values": f"0+{per_15s}x100"}
+
+
+def latency_buckets(route: str, per_15s: dict[str, int]) -> list[dict[str, str]]:
+    """Cumulative bucket counters: `per_15s[le]` more requests at or below `le` every 15 s."""
+    return [
+        {
+            "series": (
+                f'vae_request_duration_seconds_bucket{{job="{JOB}", instance="api:8000", '
+                f'route="{route}", method="POST", status="200", le="{le}"}}'
+            ),
+            "values": f"0+{count}x100",
+        }
+        for le, count in per_15s.items()
+    ]
+
+
+# Input series are 15 s apart, like rule evaluations; `0+15x100` is a counter growing 1/s.
+ALERT_TESTS: list[dict[str, Any]] = [
+    {
+        "name": "a target that stops answering fires VaeApiDown after a minute",
+        "interval": "15s",
+        "input_series": [
+            {"series": f'up{{job="{JOB}", instance="api:8000"}}', "values": "1x8 0x40"},
+        ],
+        "alert_rule_test": [
+            {"alertname": "VaeApiDown", "eval_time": "2m45s", "exp_alerts": []},  # pending
+            {"alertname": "VaeApiAbsent", "eval_time": "10m", "exp_alerts": []},
+        ],
+        "promql_expr_test": [
+            {
+                "expr": 'ALERTS{alertname="VaeApiDown"}',
+                "eval_time": "4m",
+                "exp_samples": [
+                    firing("VaeApiDown", instance="api:8000", job=JOB, severity="critical")
+                ],
+            },
+        ],
+    },
+    {
+        "name": "no vae-api target at all fires VaeApiAbsent after 5 minutes",
+        "interval": "15s",
+        "input_series": [{"series": 'up{job="other", instance="x:1"}', "values": "1x40"}],
+        "alert_rule_test": [
+            {"alertname": "VaeApiAbsent", "eval_time": "4m", "exp_alerts": []},
+            {"alertname": "VaeApiDown", "eval_time": "8m", "exp_alerts": []},
+        ],
+        "promql_expr_test": [
+            {
+                "expr": 'ALERTS{alertname="VaeApiAbsent"}',
+                "eval_time": "6m",
+                "exp_samples": [firing("VaeApiAbsent", job=JOB, severity="critical")],
+            },
+        ],
+    },
+    {
+        "name": "without any 5xx the error ratio is 0, not missing, and nothing fires",
+        "interval": "15s",
+        "input_series": [request_counts("/v1/reconstruct", "200", 15)],
+        "alert_rule_test": [
+            {"alertname": "VaeApiHighErrorRatio", "eval_time": "10m", "exp_alerts": []},
+        ],
+        "promql_expr_test": [
+            {
+                "expr": "job:vae_requests_errors:ratio_rate5m",
+                "eval_time": "10m",
+                "exp_samples": [
+                    {"labels": f'job:vae_requests_errors:ratio_rate5m{{job="{JOB}"}}', "value": 0}
+                ],
+            },
+            {
+                "expr": "route:vae_requests_errors:ratio_rate5m",
+                "eval_time": "10m",
+                "exp_samples": [
+                    {
+                        "labels": 'route:vae_requests_errors:ratio_rate5m{route="/v1/reconstruct"}',
+                        "value": 0,
+                    }
+                ],
+            },
+        ],
+    },
+    {
+        "name": "an eighth of requests failing (5xx) fires VaeApiHighErrorRatio after 5 minutes",
+        "interval": "15s",
+        "input_series": [
+            request_counts("/v1/reconstruct", "200", 15),
+            request_counts("/v1/reconstruct", "500", 5),
+            request_counts("/v1/reconstruct", "400", 20),  # client errors do not count
+        ],
+        "alert_rule_test": [
+            {"alertname": "VaeApiHighErrorRatio", "eval_time": "4m", "exp_alerts": []},
+        ],
+        "promql_expr_test": [
+            {
+                "expr": "round(job:vae_requests_errors:ratio_rate5m, 0.001)",
+                "eval_time": "10m",
+                "exp_samples": [{"labels": f'{{job="{JOB}"}}', "value": 0.125}],
+            },
+            {
+                "expr": 'ALERTS{alertname="VaeApiHighErrorRatio"}',
+                "eval_time": "10m",
+                "exp_samples": [firing("VaeApiHighErrorRatio", job=JOB, severity="critical")],
+            },
+        ],
+    },
+    {
+        "name": "a route with p99 over 1 s for 10 minutes fires VaeApiHighLatencyP99",
+        "interval": "15s",
+        "input_series": [
+            # /v1/sample: every request between 1 s and 2.5 s, so p99 = 1 + 0.99 * 1.5 s.
+            *latency_buckets("/v1/sample", {"1": 0, "2.5": 15, "+Inf": 15}),
+            # /v1/encode: every request under 5 ms.
+            *latency_buckets("/v1/encode", {"0.005": 15, "1": 15, "2.5": 15, "+Inf": 15}),
+        ],
+        "alert_rule_test": [
+            {"alertname": "VaeApiHighLatencyP99", "eval_time": "8m", "exp_alerts": []},
+        ],
+        "promql_expr_test": [
+            {
+                "expr": "round(route:vae_request_duration_seconds:p99_5m, 0.001)",
+                "eval_time": "12m",
+                "exp_samples": [
+                    {"labels": '{route="/v1/sample"}', "value": 2.485},
+                    {"labels": '{route="/v1/encode"}', "value": 0.005},
+                ],
+            },
+            {
+                "expr": 'ALERTS{alertname="VaeApiHighLatencyP99"}',
+                "eval_time": "12m",
+                "exp_samples": [
+                    firing("VaeApiHighLatencyP99", route="/v1/sample", severity="warning")
+                ],
+            },
+        ],
+    },
+]
+
+
+def test_alerts_fire_when_they_should_and_not_before(tmp_path: Path) -> None:
+    suite = {"rule_files": [str(RULES)], "evaluation_interval": "15s", "tests": ALERT_TESTS}
+    suite_file = tmp_path / "rules_test.yml"
+    suite_file.write_text(yaml.safe_dump(suite, sort_keys=False))
+    run_promtool("test", "rules", str(suite_file))
+
+
+# A real Prometheus, the shipped config pointed at a stand-in exporter that serves the
+# service's own Metrics registry: proves the scrape config, the text format and the rules
+# work together, as far as can be shown without a Docker engine.
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def exporter() -> Iterator[str]:
+    """`host:port` of an HTTP server answering /metrics with a populated `Metrics` registry."""
+    metrics = Metrics()
+    metrics.request_duration.labels("/v1/reconstruct", "POST", "200").observe(0.02)
+    metrics.inference_duration.labels("default", "reconstruct").observe(0.005)
+    metrics.batch_size.labels("default", "reconstruct").observe(8)
+    metrics.anomaly_score.labels("default").observe(2.0)
+    metrics.model_info.labels("default", "ConvVAE", "cpu").set(1)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            # Traffic between scrapes, so the rate-based recording rules have something to rate.
+            metrics.request_duration.labels("/v1/reconstruct", "POST", "200").observe(0.02)
+            body = metrics.render()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def api_get(base: str, path: str, **params: str) -> Any:
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        payload = json.load(response)
+    assert payload["status"] == "success", payload
+    return payload["data"]
+
+
+def wait_for(condition: Any, what: str, log: Path, timeout_s: float = 90.0) -> Any:
+    """Poll `condition()` until it returns something truthy; fail with Prometheus' log if not."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except OSError:  # not listening yet
+            result = None
+        if result:
+            return result
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}; Prometheus log:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.slow
+def test_real_prometheus_scrapes_the_exporter_and_evaluates_the_rules(
+    tmp_path: Path, exporter: str
+) -> None:
+    binary = executable("prometheus")
+    config = yaml.safe_load(CONFIG.read_text())
+    for job in config["scrape_configs"]:
+        for static in job["static_configs"]:
+            static["targets"] = [exporter]
+    config["global"]["evaluation_interval"] = "2s"  # the shipped 15 s would only slow the test
+    config["rule_files"] = [str(RULES)]
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "prometheus.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config_file}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+
+            def scraped_up() -> bool:
+                result = api_get(base, "/api/v1/query", query=f'up{{job="{JOB}"}}')["result"]
+                return bool(result) and result[0]["value"][1] == "1"
+
+            wait_for(scraped_up, "a successful scrape of the exporter", log)
+            in_flight = api_get(base, "/api/v1/query", query="vae_requests_in_flight")["result"]
+            assert [s["metric"]["job"] for s in in_flight] == [JOB]
+
+            def rate_recorded() -> list[Any]:
+                query = 'route:vae_requests:rate5m{route="/v1/reconstruct"}'
+                return api_get(base, "/api/v1/query", query=query)["result"]
+
+            wait_for(rate_recorded, "the request-rate recording rule to produce a sample", log)
+
+            groups = api_get(base, "/api/v1/rules")["groups"]
+            loaded = {rule["name"] for group in groups for rule in group["rules"]}
+            shipped = {
+                rule.get("record") or rule["alert"]
+                for group in yaml.safe_load(RULES.read_text())["groups"]
+                for rule in group["rules"]
+            }
+            assert loaded == shipped
+            unhealthy = [
+                (rule["name"], rule.get("lastError"))
+                for group in groups
+                for rule in group["rules"]
+                if rule["health"] == "err"
+            ]
+            assert not unhealthy
+            firing_now = api_get(base, "/api/v1/alerts")["alerts"]
+            assert not [a for a in firing_now if a["state"] == "firing"], firing_now
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    assert process.returncode in (0, -15), log.read_text()[-4000:]
