@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make run` (set up, train the default model if there is no
+# checkpoint yet, serve it on http://127.0.0.1:8000) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The PyTorch build to install first; override for a CPU-only wheel or another CUDA build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CHECKPOINT ?= checkpoints/default
+
+.PHONY: setup run train test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: setup
+	$(PY) -m app --train-if-missing --checkpoints $(CHECKPOINT)
+
+train: setup
+	$(PY) -m training --preset default --out $(CHECKPOINT)
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy models training app
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
