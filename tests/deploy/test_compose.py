@@ -20,21 +20,16 @@ COMPOSE_SCHEMA = REPO.parent / "shared" / "compose-spec.json"
 
 # `${NAME}`, `${NAME:-default}` or `${NAME-default}`: Compose's interpolation syntax.
 INTERPOLATION = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
-# Every setting of the service's contract, all passed to the api container.
-VAE_SETTINGS = (
-    "VAE_CHECKPOINTS",
-    "VAE_DEVICE",
-    "VAE_HOST",
-    "VAE_PORT",
-    "VAE_MAX_SAMPLES",
-    "VAE_MAX_UPLOAD_BYTES",
-    "VAE_MAX_IMAGE_PIXELS",
-    "VAE_MAX_FILES",
-    "VAE_MAX_BATCH_IMAGES",
-    "VAE_MAX_BATCH_WAIT_MS",
-    "VAE_MAX_QUEUE_IMAGES",
-    "VAE_REQUEST_TIMEOUT_S",
-    "VAE_LOG_LEVEL",
+# Settings the api container is not given, and why; every other field of `Settings` must be.
+NOT_PASSED = {
+    # A compose default cannot say "unset" (an empty value fails validation); unset keeps
+    # torch's own thread count.
+    "torch_threads",
+    # Fault injection for tests; never in production.
+    "enable_test_hooks",
+}
+VAE_SETTINGS = tuple(
+    f"VAE_{name.upper()}" for name in Settings.model_fields if name not in NOT_PASSED
 )
 
 
@@ -147,9 +142,15 @@ def test_api_trains_the_default_model_when_the_volume_is_empty(
 def test_api_gets_every_setting_with_a_default(services: dict[str, dict[str, Any]]) -> None:
     env = environment(services["api"])  # asserts every interpolation has a default
     assert set(VAE_SETTINGS) <= set(env), set(VAE_SETTINGS) - set(env)
-    # Prometheus scrapes api:8000 and the healthcheck asks port 8000: neither may move.
+    # Settings ignores unknown VAE_* variables, so a misspelt one would silently do nothing.
+    unknown = {key for key in env if key.startswith("VAE_")} - set(VAE_SETTINGS)
+    assert not unknown, f"{unknown}: not settings of the app (app/settings.py)"
+    # Prometheus scrapes api:8000 and the healthcheck asks port 8000: neither may move. The app
+    # binds 127.0.0.1 by default, which nothing outside the container could reach.
     assert env["VAE_HOST"] == "0.0.0.0"
     assert env["VAE_PORT"] == "8000"
+    # One process, one metrics registry: Prometheus would see the counters of a random worker.
+    assert env["VAE_WORKERS"] == "1"
     assert all(value for value in env.values()), env
 
 
@@ -255,6 +256,23 @@ def test_api_healthcheck_asks_readiness_without_curl(services: dict[str, dict[st
     assert "/readyz" in check
     assert "urllib" in check
     assert "curl" not in check
+
+
+def seconds(duration: str) -> float:
+    """A Compose duration (`1m30s`, `20m`, `15s`, `1h`) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def test_api_start_period_covers_the_first_start_training(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    # --train-if-missing trains before the server listens: every check fails until training,
+    # loading and warm-up are done, and only failures inside start_period do not count.
+    assert "--train-if-missing" in command(services["api"])
+    assert seconds(services["api"]["healthcheck"]["start_period"]) >= 10 * 60
 
 
 @pytest.mark.parametrize("name", ["prometheus", "grafana"])

@@ -1,25 +1,15 @@
-"""deploy/prometheus: promtool accepts config and rules, the alerts fire when they should, and a
-real Prometheus scrapes the service's exporter and evaluates the rules."""
+"""deploy/prometheus: promtool accepts config and rules, and the alerts fire when they should
+(test_prometheus_live.py runs them in a real Prometheus against the real api)."""
 
 from __future__ import annotations
 
-import http.server
-import json
 import shutil
-import socket
 import subprocess
-import threading
-import time
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-
-from app.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -171,7 +161,7 @@ ALERT_TESTS: list[dict[str, Any]] = [
     {
         "name": "without any 5xx the error ratio is 0, not missing, and nothing fires",
         "interval": "15s",
-        "input_series": [request_counts("/v1/reconstruct", "200", 15)],
+        "input_series": [request_counts("/reconstruct", "200", 15)],
         "alert_rule_test": [
             {"alertname": "VaeApiHighErrorRatio", "eval_time": "10m", "exp_alerts": []},
         ],
@@ -188,7 +178,7 @@ ALERT_TESTS: list[dict[str, Any]] = [
                 "eval_time": "10m",
                 "exp_samples": [
                     {
-                        "labels": 'route:vae_requests_errors:ratio_rate5m{route="/v1/reconstruct"}',
+                        "labels": 'route:vae_requests_errors:ratio_rate5m{route="/reconstruct"}',
                         "value": 0,
                     }
                 ],
@@ -199,9 +189,9 @@ ALERT_TESTS: list[dict[str, Any]] = [
         "name": "an eighth of requests failing (5xx) fires VaeApiHighErrorRatio after 5 minutes",
         "interval": "15s",
         "input_series": [
-            request_counts("/v1/reconstruct", "200", 15),
-            request_counts("/v1/reconstruct", "500", 5),
-            request_counts("/v1/reconstruct", "400", 20),  # client errors do not count
+            request_counts("/reconstruct", "200", 15),
+            request_counts("/reconstruct", "500", 5),
+            request_counts("/reconstruct", "400", 20),  # client errors do not count
         ],
         "alert_rule_test": [
             {"alertname": "VaeApiHighErrorRatio", "eval_time": "4m", "exp_alerts": []},
@@ -223,10 +213,10 @@ ALERT_TESTS: list[dict[str, Any]] = [
         "name": "a route with p99 over 1 s for 10 minutes fires VaeApiHighLatencyP99",
         "interval": "15s",
         "input_series": [
-            # /v1/sample: every request between 1 s and 2.5 s, so p99 = 1 + 0.99 * 1.5 s.
-            *latency_buckets("/v1/sample", {"1": 0, "2.5": 15, "+Inf": 15}),
-            # /v1/encode: every request under 5 ms.
-            *latency_buckets("/v1/encode", {"0.005": 15, "1": 15, "2.5": 15, "+Inf": 15}),
+            # /sample: every request between 1 s and 2.5 s, so p99 = 1 + 0.99 * 1.5 s.
+            *latency_buckets("/sample", {"1": 0, "2.5": 15, "+Inf": 15}),
+            # /encode: every request under 5 ms.
+            *latency_buckets("/encode", {"0.005": 15, "1": 15, "2.5": 15, "+Inf": 15}),
         ],
         "alert_rule_test": [
             {"alertname": "VaeApiHighLatencyP99", "eval_time": "8m", "exp_alerts": []},
@@ -236,15 +226,15 @@ ALERT_TESTS: list[dict[str, Any]] = [
                 "expr": "round(route:vae_request_duration_seconds:p99_5m, 0.001)",
                 "eval_time": "12m",
                 "exp_samples": [
-                    {"labels": '{route="/v1/sample"}', "value": 2.485},
-                    {"labels": '{route="/v1/encode"}', "value": 0.005},
+                    {"labels": '{route="/sample"}', "value": 2.485},
+                    {"labels": '{route="/encode"}', "value": 0.005},
                 ],
             },
             {
                 "expr": 'ALERTS{alertname="VaeApiHighLatencyP99"}',
                 "eval_time": "12m",
                 "exp_samples": [
-                    firing("VaeApiHighLatencyP99", route="/v1/sample", severity="warning")
+                    firing("VaeApiHighLatencyP99", route="/sample", severity="warning")
                 ],
             },
         ],
@@ -257,142 +247,3 @@ def test_alerts_fire_when_they_should_and_not_before(tmp_path: Path) -> None:
     suite_file = tmp_path / "rules_test.yml"
     suite_file.write_text(yaml.safe_dump(suite, sort_keys=False))
     run_promtool("test", "rules", str(suite_file))
-
-
-# A real Prometheus, the shipped config pointed at a stand-in exporter that serves the
-# service's own Metrics registry: proves the scrape config, the text format and the rules
-# work together, as far as can be shown without a Docker engine.
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def exporter() -> Iterator[str]:
-    """`host:port` of an HTTP server answering /metrics with a populated `Metrics` registry."""
-    metrics = Metrics()
-    metrics.request_duration.labels("/v1/reconstruct", "POST", "200").observe(0.02)
-    metrics.inference_duration.labels("default", "reconstruct").observe(0.005)
-    metrics.batch_size.labels("default", "reconstruct").observe(8)
-    metrics.anomaly_score.labels("default").observe(2.0)
-    metrics.model_info.labels("default", "ConvVAE", "cpu").set(1)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            # Traffic between scrapes, so the rate-based recording rules have something to rate.
-            metrics.request_duration.labels("/v1/reconstruct", "POST", "200").observe(0.02)
-            body = metrics.render()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-def api_get(base: str, path: str, **params: str) -> Any:
-    url = f"{base}{path}?{urllib.parse.urlencode(params)}"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        payload = json.load(response)
-    assert payload["status"] == "success", payload
-    return payload["data"]
-
-
-def wait_for(condition: Any, what: str, log: Path, timeout_s: float = 90.0) -> Any:
-    """Poll `condition()` until it returns something truthy; fail with Prometheus' log if not."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except OSError:  # not listening yet
-            result = None
-        if result:
-            return result
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}; Prometheus log:\n{log.read_text()[-4000:]}")
-
-
-@pytest.mark.slow
-def test_real_prometheus_scrapes_the_exporter_and_evaluates_the_rules(
-    tmp_path: Path, exporter: str
-) -> None:
-    binary = executable("prometheus")
-    config = yaml.safe_load(CONFIG.read_text())
-    for job in config["scrape_configs"]:
-        for static in job["static_configs"]:
-            static["targets"] = [exporter]
-    config["global"]["evaluation_interval"] = "2s"  # the shipped 15 s would only slow the test
-    config["rule_files"] = [str(RULES)]
-    config_file = tmp_path / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(config))
-
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "prometheus.log"
-    with log.open("w") as log_file:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config_file}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-
-            def scraped_up() -> bool:
-                result = api_get(base, "/api/v1/query", query=f'up{{job="{JOB}"}}')["result"]
-                return bool(result) and result[0]["value"][1] == "1"
-
-            wait_for(scraped_up, "a successful scrape of the exporter", log)
-            in_flight = api_get(base, "/api/v1/query", query="vae_requests_in_flight")["result"]
-            assert [s["metric"]["job"] for s in in_flight] == [JOB]
-
-            def rate_recorded() -> list[Any]:
-                query = 'route:vae_requests:rate5m{route="/v1/reconstruct"}'
-                return api_get(base, "/api/v1/query", query=query)["result"]
-
-            wait_for(rate_recorded, "the request-rate recording rule to produce a sample", log)
-
-            groups = api_get(base, "/api/v1/rules")["groups"]
-            loaded = {rule["name"] for group in groups for rule in group["rules"]}
-            shipped = {
-                rule.get("record") or rule["alert"]
-                for group in yaml.safe_load(RULES.read_text())["groups"]
-                for rule in group["rules"]
-            }
-            assert loaded == shipped
-            unhealthy = [
-                (rule["name"], rule.get("lastError"))
-                for group in groups
-                for rule in group["rules"]
-                if rule["health"] == "err"
-            ]
-            assert not unhealthy
-            firing_now = api_get(base, "/api/v1/alerts")["alerts"]
-            assert not [a for a in firing_now if a["state"] == "firing"], firing_now
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    assert process.returncode in (0, -15), log.read_text()[-4000:]
