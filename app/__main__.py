@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
@@ -59,6 +61,10 @@ def _train_default(settings: Settings) -> None:
         raise SettingsError(f"training the default model into {target} failed (exit {code})")
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     overrides = {
@@ -86,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         registry = Registry.load(settings)
     except (SettingsError, CheckpointError) as exc:
         return _fail(str(exc))
+    # uvicorn stops gracefully on SIGTERM, then re-raises it to the handler it found: make
+    # that handler exit 0, the status of a requested stop, instead of dying by the signal.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     common = {
         "host": settings.host,
         "port": settings.port,

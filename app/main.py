@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +28,7 @@ from app.settings import Settings
 from app.state import ServiceState
 
 logger = logging.getLogger("app")
+MAX_REPORTED_ERRORS = 20
 
 
 def _batcher(entry: LoadedModel, settings: Settings, metrics: Metrics) -> MicroBatcher:
@@ -109,7 +113,11 @@ def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         rejected.labels("invalid").inc()
-        return await request_validation_exception_handler(request, exc)
+        # One error per bad value would let a few MB of NaNs in z buy a response of hundreds
+        # of MB: the first few say what is wrong. They echo the offending input, which may be
+        # NaN or inf (JSON bodies may hold those literals): those are sent as text.
+        errors = exc.errors()[:MAX_REPORTED_ERRORS]
+        return JSONResponse({"detail": _finite(jsonable_encoder(errors))}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -124,3 +132,14 @@ def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
             {"detail": "internal error; the request was not processed (see the server log)"},
             status_code=500,
         )
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by its text ("nan", "inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value

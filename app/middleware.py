@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
@@ -50,11 +51,23 @@ def _route_template(scope: Scope) -> str:
     route = scope.get("route")
     if route is not None and hasattr(route, "path"):
         return str(route.path)
+    # Not routed yet (refused before routing, e.g. by the body size limit): match by hand.
     app = scope.get("app")
-    for candidate in getattr(getattr(app, "router", None), "routes", []):
-        match, _ = candidate.matches(scope)
-        if match == Match.FULL:
-            return str(candidate.path)
+    return _match_template(getattr(getattr(app, "router", None), "routes", []), scope)
+
+
+def _match_template(routes: list[Any], scope: Scope) -> str:
+    for candidate in routes:
+        # FastAPI keeps an included router whole (no `path`); its routes hold the templates.
+        nested = getattr(candidate, "original_router", None)
+        if nested is not None:
+            template = _match_template(nested.routes, scope)
+            if template != "unmatched":
+                return template
+        elif hasattr(candidate, "path"):
+            match, _ = candidate.matches(scope)
+            if match == Match.FULL:
+                return str(candidate.path)
     return "unmatched"
 
 
@@ -90,8 +103,8 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    # Raised inside the body read, so the app's handlers answer it as a 413.
-                    self.metrics.requests_rejected.labels("too_large").inc()
+                    # Raised inside the body read, so the app's handlers answer it as a 413
+                    # (and count it: counting here too would count it twice).
                     raise HTTPException(413, _too_large(limit))
             return message
 

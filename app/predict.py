@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from app.batching import MicroBatcher
-from app.errors import BadRequest
+from app.errors import BadRequest, InvalidInput
 from app.inference import NO_DIGIT, one_hot
 from app.registry import LoadedModel
 from models import VAE
@@ -158,7 +158,8 @@ class ModelHandle:
             return encoded["mu"][0], digit
         if endpoint.z is not None:
             if len(endpoint.z) != self.entry.latent_dim:
-                raise BadRequest(
+                # A wrong shape is a validation error (422), as in /decode.
+                raise InvalidInput(
                     f"z has {len(endpoint.z)} values; model {self.name!r} has latent_dim "
                     f"{self.entry.latent_dim}"
                 )

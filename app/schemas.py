@@ -6,7 +6,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# The prior is N(0, I), so latents beyond a few units decode to noise anyway; the cap keeps
+# float32 arithmetic finite (1e308 is valid JSON but inf as float32, and slerp squares norms).
+MAX_LATENT_VALUE = 1e4
+LatentValue = Annotated[
+    float, Field(allow_inf_nan=False, ge=-MAX_LATENT_VALUE, le=MAX_LATENT_VALUE)
+]
 Digit = Annotated[int, Field(ge=0, le=9)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 MAX_LATENT_ROWS = 4096
@@ -22,7 +27,7 @@ class ErrorBody(BaseModel):
 
 
 class DecodeRequest(Strict):
-    z: list[Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_LATENT_DIM)]] = Field(
+    z: list[Annotated[list[LatentValue], Field(min_length=1, max_length=MAX_LATENT_DIM)]] = Field(
         min_length=1,
         max_length=MAX_LATENT_ROWS,
         description="Latent vectors, one row of latent_dim floats per image.",
@@ -35,7 +40,7 @@ class DecodeRequest(Strict):
 
 
 class InterpolationEnd(Strict):
-    z: list[FiniteFloat] | None = Field(
+    z: list[LatentValue] | None = Field(
         default=None, max_length=MAX_LATENT_DIM, description="A latent vector."
     )
     image: str | None = Field(

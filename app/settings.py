@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N (N = GPU index)"
@@ -46,10 +46,11 @@ class Settings(BaseSettings):
         default=256, gt=0, description="Most images the batcher sends to a model at once."
     )
     max_batch_wait_ms: float = Field(
-        default=2.0,
+        default=0.0,
         ge=0.0,
         le=1000.0,
-        description="How long the batcher waits for more requests before running a batch.",
+        description="Extra wait to gather a batch. 0 runs as soon as the model is free: a lone "
+        "request never waits, and under load batches form while the previous one runs.",
     )
     max_queue_images: int = Field(
         default=4096,
@@ -68,6 +69,17 @@ class Settings(BaseSettings):
         default=False,
         description="Enable fault-injection hooks for tests; never in production.",
     )
+
+    @model_validator(mode="after")
+    def _queue_holds_the_largest_request(self) -> "Settings":
+        largest = max(self.max_samples, self.max_files)
+        if self.max_queue_images < largest:
+            raise ValueError(
+                f"VAE_MAX_QUEUE_IMAGES={self.max_queue_images} is below the largest request "
+                f"({largest} images: VAE_MAX_SAMPLES / VAE_MAX_FILES), which could never be "
+                "queued; raise it or lower those"
+            )
+        return self
 
     @field_validator("checkpoints")
     @classmethod

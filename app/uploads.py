@@ -62,7 +62,15 @@ async def read_images(
                 f"too many files: at most {limit} per request (VAE_MAX_FILES)"
             ) from None
         raise InvalidInput(f"malformed multipart body: {exc.detail}") from None
-    parts = form.getlist(FIELD)
+    try:
+        blobs = await _read_parts(form.getlist(FIELD), settings)
+    finally:
+        # Uploads are spooled to temporary files: close them now, not at garbage collection.
+        await form.close()
+    return await run_in_threadpool(_decode_all, blobs, settings, invert)
+
+
+async def _read_parts(parts: list[UploadFile | str], settings: Settings) -> list[bytes]:
     if not parts:
         raise InvalidInput(f"no '{FIELD}' field in the form: upload the image as '{FIELD}'")
     blobs: list[bytes] = []
@@ -77,7 +85,7 @@ async def read_images(
                 f"{settings.max_upload_bytes} bytes (VAE_MAX_UPLOAD_BYTES)"
             )
         blobs.append(await part.read(settings.max_upload_bytes + 1))
-    return await run_in_threadpool(_decode_all, blobs, settings, invert)
+    return blobs
 
 
 def _decode_all(blobs: list[bytes], settings: Settings, invert: bool) -> torch.Tensor:

@@ -34,7 +34,7 @@ def test_defaults() -> None:
     assert settings.max_image_pixels == 4096 * 4096
     assert settings.max_files == 64
     assert settings.max_batch_images == 256
-    assert settings.max_batch_wait_ms == 2.0
+    assert settings.max_batch_wait_ms == 0.0
     assert settings.max_queue_images == 4096
     assert settings.request_timeout_s == 30.0
     assert settings.workers == 1
@@ -56,8 +56,8 @@ def test_environment_variables_are_read_with_the_vae_prefix(
         "VAE_MAX_IMAGE_PIXELS": "784",
         "VAE_MAX_FILES": "3",
         "VAE_MAX_BATCH_IMAGES": "32",
-        "VAE_MAX_BATCH_WAIT_MS": "0",
-        "VAE_MAX_QUEUE_IMAGES": "100",
+        "VAE_MAX_BATCH_WAIT_MS": "1.5",
+        "VAE_MAX_QUEUE_IMAGES": "5000",
         "VAE_REQUEST_TIMEOUT_S": "2.5",
         "VAE_WORKERS": "2",
         "VAE_TORCH_THREADS": "4",
@@ -77,8 +77,8 @@ def test_environment_variables_are_read_with_the_vae_prefix(
     assert settings.max_image_pixels == 784
     assert settings.max_files == 3
     assert settings.max_batch_images == 32
-    assert settings.max_batch_wait_ms == 0.0
-    assert settings.max_queue_images == 100
+    assert settings.max_batch_wait_ms == 1.5
+    assert settings.max_queue_images == 5000
     assert settings.request_timeout_s == 2.5
     assert settings.workers == 2
     assert settings.torch_threads == 4
@@ -211,3 +211,8 @@ def test_folder_without_any_checkpoint_is_named(tmp_path: Path) -> None:
 
 def test_settings_error_is_a_value_error() -> None:
     assert issubclass(SettingsError, ValueError)
+
+
+def test_queue_must_hold_the_largest_request() -> None:
+    with pytest.raises(ValidationError, match="VAE_MAX_QUEUE_IMAGES=100 is below"):
+        Settings(max_queue_images=100, max_samples=256)

@@ -1,0 +1,133 @@
+"""Helpers shared by the tests of the HTTP service: uploads, PNG checks, metric lookups."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.imaging import encode_png
+
+SIDE = 28
+PADDING = 2  # the contract's grid padding (torchvision make_grid layout)
+JSON_ACCEPT = {"accept": "application/json"}
+
+
+def png_of(image: torch.Tensor) -> bytes:
+    """A (1, 28, 28) float image in [0, 1] as the 8-bit PNG a client would upload."""
+    return encode_png(image)
+
+
+def files(*blobs: bytes, content_type: str = "image/png") -> list[tuple[str, Any]]:
+    """Multipart `file` fields, one per blob, for TestClient's `files=`."""
+    return [("file", (f"image{i}.png", blob, content_type)) for i, blob in enumerate(blobs)]
+
+
+def open_image(data: bytes, fmt: str = "PNG") -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == fmt
+    return image
+
+
+def pixels(data: bytes) -> np.ndarray:
+    """An 8-bit grayscale PNG as a (H, W) uint8 array; fails on any other kind of PNG."""
+    image = open_image(data)
+    assert image.mode == "L"
+    return np.asarray(image)
+
+
+def decode_b64_png(encoded: str) -> np.ndarray:
+    """One base64 PNG from a JSON response, checked to be a 28x28 8-bit grayscale image."""
+    array = pixels(base64.b64decode(encoded, validate=True))
+    assert array.shape == (SIDE, SIDE)
+    return array
+
+
+def grid_size(n: int, nrow: int) -> tuple[int, int]:
+    """(width, height) of n tiles in rows of nrow with PADDING px around each tile."""
+    columns = min(nrow, n)
+    rows = math.ceil(n / columns)
+    step = SIDE + PADDING
+    return columns * step + PADDING, rows * step + PADDING
+
+
+def grid_tiles(grid: np.ndarray, n: int, nrow: int) -> list[np.ndarray]:
+    """The n 28x28 tiles of a grid, row by row."""
+    step = SIDE + PADDING
+    tiles = []
+    for index in range(n):
+        top = PADDING + (index // nrow) * step
+        left = PADDING + (index % nrow) * step
+        tiles.append(grid[top : top + SIDE, left : left + SIDE])
+    return tiles
+
+
+def padding_mask(grid: np.ndarray, n: int, nrow: int) -> np.ndarray:
+    """True where a grid pixel belongs to no tile."""
+    mask = np.ones_like(grid, dtype=bool)
+    step = SIDE + PADDING
+    for index in range(n):
+        top = PADDING + (index // nrow) * step
+        left = PADDING + (index % nrow) * step
+        mask[top : top + SIDE, left : left + SIDE] = False
+    return mask
+
+
+def unit(array: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> floats in [0, 1]."""
+    return array.astype(np.float64) / 255.0
+
+
+def mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((unit(a) - unit(b)) ** 2))
+
+
+def metrics_text(client: TestClient) -> str:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+def metric(
+    client: TestClient, sample_name: str, labels: dict[str, str] | None = None, text: str = ""
+) -> float:
+    """The value of one sample of /metrics (0.0 when absent: counters start unexported)."""
+    wanted = labels or {}
+    for family in text_string_to_metric_families(text or metrics_text(client)):
+        for sample in family.samples:
+            if sample.name == sample_name and all(
+                sample.labels.get(k) == v for k, v in wanted.items()
+            ):
+                return float(sample.value)
+    return 0.0
+
+
+def label_values(text: str, sample_name: str, label: str) -> set[str]:
+    """Every value `label` takes among the samples named sample_name."""
+    return {
+        sample.labels[label]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == sample_name and label in sample.labels
+    }
+
+
+def model_card(client: TestClient, name: str | None = None) -> dict[str, Any]:
+    """GET /models' entry for `name` (default: the default model)."""
+    body = client.get("/models").json()
+    wanted = body["default"] if name is None else name
+    (card,) = [m for m in body["models"] if m["name"] == wanted]
+    return card
+
+
+def as_tensors(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 (28, 28) arrays -> a (N, 1, 28, 28) float tensor in [0, 1]."""
+    return torch.stack([torch.from_numpy(unit(a)).float()[None] for a in images])
