@@ -92,8 +92,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         BodySizeLimitMiddleware,
         # Room for the most files at the most bytes each, plus the multipart framing.
         multipart_limit=settings.max_files * settings.max_upload_bytes + 2**20,
-        # JSON carries at most two base64 images (interpolation ends): 4/3 of the bytes each.
-        other_limit=3 * settings.max_upload_bytes + 2**20,
+        other_limit=settings.max_json_bytes,
         metrics=state.metrics,
     )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)

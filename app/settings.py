@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=10 * 1024 * 1024, gt=0, description="Largest accepted image file, in bytes."
     )
+    max_json_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        gt=0,
+        description="Largest JSON body (/decode, /interpolate with base64 images).",
+    )
     max_image_pixels: int = Field(
         default=4096 * 4096,
         gt=0,

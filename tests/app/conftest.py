@@ -89,6 +89,7 @@ def limits_client(trained_checkpoint: Path) -> Iterator[TestClient]:
         checkpoints=str(trained_checkpoint),
         device="cpu",
         max_upload_bytes=2000,
+        max_json_bytes=64 * 1024,
         max_files=3,
         max_samples=16,
     )

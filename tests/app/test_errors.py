@@ -138,7 +138,7 @@ def interpolate_z(size: Callable[[Dims], int]) -> Build:
 
 
 def big_json(dims: Dims) -> dict[str, Any]:
-    padding = " " * (2 * 2**20)  # well over the JSON limit of a 2000-byte upload limit
+    padding = " " * (2 * 2**20)  # well over the limits client's 64 KiB JSON limit
     return {
         "content": b"{" + padding.encode() + b"}",
         "headers": {"content-type": "application/json"},

@@ -31,6 +31,7 @@ def test_defaults() -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.max_samples == 256
     assert settings.max_upload_bytes == 10 * 1024 * 1024
+    assert settings.max_json_bytes == 4 * 1024 * 1024
     assert settings.max_image_pixels == 4096 * 4096
     assert settings.max_files == 64
     assert settings.max_batch_images == 256
