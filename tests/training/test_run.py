@@ -1,0 +1,176 @@
+"""Tests for training/run.py: real training on mnist-5k, the final checkpoint, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from models import VAE, load_checkpoint
+from training.checkpoints import STATE_FILE
+from training.config import ConfigError, TrainConfig
+from training.data import load_dataset, to_float
+from training.run import check_output, train
+from training.trainer import Callback, EpochSummary, Trainer
+
+
+@pytest.mark.slow
+def test_training_beats_the_untrained_model_by_far(trained_checkpoint: Path) -> None:
+    trained = load_checkpoint(trained_checkpoint)
+    torch.manual_seed(0)
+    untrained = VAE(trained.model.config).eval()
+    test = load_dataset("mnist-5k").test
+    x = to_float(test.images)
+    generator = torch.Generator().manual_seed(0)
+    untrained_elbo = float(untrained.elbo(x, test.labels, generator=generator).mean())
+    trained_elbo = trained.metadata["metrics"]["elbo"]
+    assert trained_elbo > untrained_elbo + 100, (trained_elbo, untrained_elbo)
+    assert trained.metadata["metrics"]["digit_accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_final_checkpoint_holds_metrics_calibration_and_files(trained_checkpoint: Path) -> None:
+    metadata = json.loads((trained_checkpoint / "config.json").read_text())
+    training = metadata["training"]
+    assert training["preset"] == "tiny"
+    assert training["epochs_run"] == training["config"]["epochs"] == 12
+    assert training["train_seconds"] > 0 and training["device"] == "cpu"
+    assert 1 <= training["best_epoch"] <= 12
+    assert metadata["dataset"] == load_dataset("mnist-5k").split_info
+
+    metrics = metadata["metrics"]
+    assert metrics["num_images"] == 1000 and metrics["iwae_k"] == 10
+    # IWAE is a tighter bound than the ELBO; reconstructions are close to the inputs.
+    assert metrics["elbo"] < metrics["iwae_log_likelihood"] < 0
+    assert metrics["iwae_nll"] == -metrics["iwae_log_likelihood"]
+    assert metrics["marginal_iwae_nll"] == -metrics["marginal_iwae_log_likelihood"]
+    assert 0 < metrics["reconstruction_mse"] < 0.05
+    assert len(metrics["per_class_accuracy"]) == 10
+
+    anomaly = metadata["anomaly"]
+    assert anomaly["score_kind"] == "typicality-mahalanobis"
+    assert anomaly["statistics"] == ["log_squared_error", "log_kl", "mean_logvar"]
+    assert (anomaly["reference"], anomaly["calibration"]) == ("train split", "validation split")
+    assert anomaly["fpr"] == 0.01 and anomaly["validation_size"] == 400
+    quantiles = anomaly["quantiles"]
+    assert len(quantiles) == 101 and quantiles == sorted(quantiles)
+    assert quantiles[98] <= anomaly["threshold"] <= quantiles[100]
+    assert anomaly["test_fpr"] < 0.05
+
+    report = json.loads((trained_checkpoint / "metrics.json").read_text())
+    assert report["metrics"] == metrics and report["anomaly"] == anomaly
+    assert [entry["epoch"] for entry in report["history"]] == list(range(1, 13))
+    with Image.open(trained_checkpoint / "samples.png") as grid:
+        assert grid.size == (302, 302)  # 10 x 10 digits of 28 pixels with 2-pixel gaps
+
+    state = trained_checkpoint / "train_state"
+    assert (state / "last" / STATE_FILE).is_file()
+    assert (state / "best" / "model.safetensors").is_file()
+    # The anomaly reference is part of the weights the service loads.
+    assert bool(load_checkpoint(trained_checkpoint).model.anomaly_fitted)
+
+
+@pytest.mark.slow
+def test_unconditional_checkpoint_has_no_digit_metrics(
+    trained_unconditional_checkpoint: Path,
+) -> None:
+    metadata = json.loads((trained_unconditional_checkpoint / "config.json").read_text())
+    assert metadata["model"]["num_classes"] is None
+    assert "digit_accuracy" not in metadata["metrics"]
+    assert "marginal_elbo" not in metadata["metrics"]
+    assert metadata["metrics"]["elbo"] > -160
+    assert metadata["anomaly"]["test_fpr"] < 0.05
+    assert (trained_unconditional_checkpoint / "samples.png").is_file()
+
+
+class Interrupt(Exception):
+    """Stands in for Ctrl-C or a killed job."""
+
+
+class InterruptAfter(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer: Trainer, summary: EpochSummary) -> None:
+        if summary.epoch == self.epoch:
+            raise Interrupt
+
+
+def small_run(out: Path, **changes: object) -> TrainConfig:
+    return TrainConfig.from_preset(
+        "tiny", epochs=3, iwae_k=1, out=str(out), progress=False, **changes
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    return train(small_run(out)).checkpoint
+
+
+@pytest.mark.slow
+def test_resume_after_an_interruption_gives_the_same_weights(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        train(small_run(out), callbacks=[InterruptAfter(2)])
+    assert not (out / "config.json").exists()  # no final checkpoint from a broken run
+    state = torch.load(out / "train_state" / "last" / STATE_FILE, weights_only=True)
+    assert state["epoch"] == 2
+
+    resumed = train(small_run(out, resume=True))
+
+    for folder in ("train_state/last", "train_state/best", "."):
+        expected = load_checkpoint(uninterrupted / folder).model.state_dict()
+        found = load_checkpoint(resumed.checkpoint / folder).model.state_dict()
+        assert expected.keys() == found.keys()
+        for name, value in expected.items():
+            assert torch.equal(found[name], value), f"{folder}: {name}"
+    expected_metadata = json.loads((uninterrupted / "config.json").read_text())
+    assert resumed.metrics == expected_metadata["metrics"]
+    assert resumed.epochs_run == 3
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_names_the_difference(uninterrupted: Path) -> None:
+    with pytest.raises(ConfigError, match="latent_dim 8 -> 4") as caught:
+        train(small_run(uninterrupted, resume=True, latent_dim=4))
+    assert "another --out" in str(caught.value)
+
+
+def test_resume_without_a_previous_run_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(small_run(tmp_path / "fresh", resume=True))
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_output_under_a_file_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file"):
+        train(small_run(blocker / "run"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_new_nested_output_folder_is_accepted_without_creating_it(tmp_path: Path) -> None:
+    check_output(tmp_path / "a" / "b" / "c")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_with_other_files_is_refused_not_replaced(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"not part of a checkpoint \(notes.txt\)"):
+        train(small_run(tmp_path))
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_tensorboard_logs_inside_out_must_live_under_train_state(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train_state/tb"):
+        check_output(tmp_path / "run", tensorboard=str(tmp_path / "run" / "tb"))
+    check_output(tmp_path / "run", tensorboard=str(tmp_path / "run" / "train_state" / "tb"))
+    check_output(tmp_path / "run", tensorboard=str(tmp_path / "tb"))

@@ -1,0 +1,148 @@
+"""`python -m training` / `vae-train`: flags -> TrainConfig -> one training run -> a summary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from models import CheckpointError
+from models.config import ARCHITECTURES, LIKELIHOODS
+from training.checkpoints import TRAIN_STATE_DIR
+from training.cliutil import OneLineErrorParser, report_error
+from training.config import LR_SCHEDULES, ConfigError, TrainConfig
+from training.data import DataError
+from training.presets import PRESETS
+from training.run import RunResult, train
+from training.trainer import TrainingError
+
+# Exit code of a run that started but could not finish (e.g. the loss diverged).
+EXIT_TRAINING_FAILED = 1
+# 128 + SIGINT, what shells report for a job stopped with Ctrl-C.
+EXIT_INTERRUPTED = 130
+
+
+def hidden_dims(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or any(w <= 0 for w in widths):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive widths like 32,64, got {text!r}"
+        )
+    return widths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="python -m training",
+        description=(
+            "Train a VAE on MNIST and write an evaluated checkpoint. A preset sets every knob; "
+            "each flag given overrides the preset."
+        ),
+    )
+    add = parser.add_argument
+    add("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", dest="architecture", choices=ARCHITECTURES)
+    model.add_argument(
+        "--conditional", action=argparse.BooleanOptionalAction, help="condition on the digit"
+    )
+    model.add_argument("--hidden-dims", type=hidden_dims, metavar="W1,W2", help="e.g. 32,64")
+    model.add_argument("--latent-dim", type=int)
+    model.add_argument("--likelihood", choices=LIKELIHOODS)
+    model.add_argument("--gaussian-std", type=float, help="fixed pixel std (default: learned)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", help="mnist-5k (embedded) or mnist (60k, see --download)")
+    data.add_argument("--data-dir", help="where real MNIST lives (default: data)")
+    data.add_argument("--download", action="store_true", default=None, help="fetch real MNIST")
+    data.add_argument(
+        "--binarize", action=argparse.BooleanOptionalAction, help="dynamic binarisation"
+    )
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int)
+    optim.add_argument("--batch-size", type=int)
+    optim.add_argument("--lr", type=float)
+    optim.add_argument("--weight-decay", type=float)
+    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES)
+    optim.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off")
+    optim.add_argument("--beta", type=float, help="KL weight after warm-up (1 = ELBO)")
+    optim.add_argument("--kl-warmup-epochs", type=float)
+    optim.add_argument("--free-bits", type=float, help="nats per latent dim, 0 = off")
+    optim.add_argument("--patience", type=int, help="early stopping on val ELBO, 0 = off")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    runtime.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (CUDA only)"
+    )
+    runtime.add_argument("--seed", type=int)
+    runtime.add_argument("--out", help="output folder (default: checkpoints/<preset>)")
+    runtime.add_argument(
+        "--resume", action="store_true", default=None, help="continue <out>/train_state/last"
+    )
+    runtime.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no tqdm bar"
+    )
+    runtime.add_argument(
+        "--tensorboard", metavar="DIR", help="write TensorBoard logs here (needs tensorboard)"
+    )
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--iwae-k", type=int, help="IWAE samples for the test likelihood")
+    evaluation.add_argument("--eval-batch-size", type=int)
+    evaluation.add_argument("--anomaly-fpr", type=float, help="validation share flagged")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The preset with every flag that was given on top."""
+    overrides: dict[str, Any] = {
+        name: value for name, value in vars(args).items() if name != "preset" and value is not None
+    }
+    return TrainConfig.from_preset(args.preset, **overrides)
+
+
+def summary(result: RunResult) -> str:
+    metrics, anomaly = result.metrics, result.anomaly
+    lines = [
+        f"checkpoint: {result.checkpoint}",
+        f"  trained {result.epochs_run} epochs in {result.train_seconds:.1f} s on {result.device}",
+    ]
+    given = " (given the digit)" if metrics["conditional"] else ""
+    lines.append(f"  test ELBO{given}: {metrics['elbo']:.2f} nats")
+    lines.append(f"  test IWAE NLL{given}, k={metrics['iwae_k']}: {metrics['iwae_nll']:.2f} nats")
+    if metrics["conditional"]:
+        lines.append(f"  test IWAE NLL, digit summed out: {metrics['marginal_iwae_nll']:.2f} nats")
+        lines.append(f"  digit accuracy: {metrics['digit_accuracy']:.1%}")
+    lines.append(
+        f"  anomaly threshold {anomaly['threshold']:.3f} (flags {anomaly['fpr']:.1%} of "
+        f"validation digits, {anomaly['test_fpr']:.1%} of test digits)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        return report_error(exc)
+    try:
+        result = train(config)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        return report_error(exc)
+    except TrainingError as exc:
+        report_error(exc)
+        return EXIT_TRAINING_FAILED
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: run again with --resume to continue from the last finished epoch "
+            f"in {config.out_dir / TRAIN_STATE_DIR / 'last'}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(summary(result))
+    return 0

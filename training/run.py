@@ -1,0 +1,233 @@
+"""One training run end to end: checks, data, model, trainer, then the evaluated checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import VAE, load_checkpoint
+from training.checkpoints import (
+    TRAIN_STATE_DIR,
+    CheckpointCallback,
+    load_resume_point,
+    train_state_dir,
+)
+from training.config import ConfigError, TrainConfig, resolve_device
+from training.data import Batches, MNISTData, Split, load_dataset
+from training.evaluate import calibrate_anomaly, evaluate
+from training.generate import png_bytes, sample_grid
+from training.objective import VAEObjective
+from training.tensorboard import TensorBoardCallback, open_writer, require_tensorboard
+from training.trainer import Callback, Trainer, TrainerSettings
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+SAMPLES_FILE = "samples.png"
+
+
+@dataclass
+class RunResult:
+    """Where the final checkpoint is and what it scored."""
+
+    checkpoint: Path
+    metrics: dict[str, Any]  # evaluate() on the test split
+    anomaly: dict[str, Any]  # calibrate_anomaly()
+    epochs_run: int
+    train_seconds: float
+    device: str
+
+
+class ValidationELBO:
+    """Mean single-sample ELBO on a split with a freshly seeded generator each call, so epochs
+    are compared on the same noise; higher is better."""
+
+    def __init__(self, split: Split, batch_size: int, seed: int) -> None:
+        self.split = split
+        self.batch_size = batch_size
+        self.seed = seed
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> float:
+        if not isinstance(model, VAE):
+            raise TypeError(f"ValidationELBO needs a models.VAE, got {type(model).__name__}")
+        model.eval()
+        generator = torch.Generator(model.device).manual_seed(self.seed)
+        total = torch.zeros((), dtype=torch.float64, device=model.device)
+        for x, y in Batches(self.split, self.batch_size, shuffle=False):
+            labels = y if model.config.conditional else None
+            total += model.elbo(x, labels, k=1, generator=generator).double().sum()
+        return float(total) / len(self.split)
+
+
+def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Train as `config` says and write the final checkpoint to config.out_dir.
+
+    Every check that can fail on bad input (device, TensorBoard, output folder, data, resume
+    state) runs before anything is written. `callbacks` run after the built-in ones.
+    """
+    device = resolve_device(config.device)
+    if config.amp and device.type != "cuda":
+        logger.warning("--amp is ignored on %s: bf16 autocast is used on CUDA only", device)
+    if config.tensorboard is not None:
+        require_tensorboard()
+    out_dir = config.out_dir
+    check_output(out_dir, config.tensorboard)
+    data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
+    resume_point = load_resume_point(out_dir, config) if config.resume else None
+
+    logger.info(
+        "training preset %r on %s (%s) -> %s",
+        config.preset,
+        device,
+        ", ".join(f"{k} {v}" for k, v in data.split_info["sizes"].items()),
+        out_dir,
+    )
+    state_dir = train_state_dir(out_dir)
+    if resume_point is None:
+        # A new run must not mix its epochs with an older run's best/ or last/.
+        for stale in ("last", "best"):
+            shutil.rmtree(state_dir / stale, ignore_errors=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    data = data.to(device)
+    torch.manual_seed(config.seed)
+    model = VAE(config.model_config()).to(device)
+    data_generator = torch.Generator().manual_seed(config.seed)
+    batches = Batches(
+        data.train, config.batch_size, generator=data_generator, binarize=config.binarize
+    )
+    builtin: list[Callback] = [CheckpointCallback(model, out_dir, config)]
+    if config.tensorboard is not None:
+        writer = open_writer(Path(config.tensorboard))
+        builtin.append(TensorBoardCallback(writer, model, seed=config.seed))
+    trainer = Trainer(
+        model,
+        VAEObjective(config.beta, config.kl_warmup_epochs, len(batches), config.free_bits),
+        batches,
+        TrainerSettings(
+            epochs=config.epochs,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            lr_schedule=config.lr_schedule,
+            grad_clip=config.grad_clip,
+            patience=config.patience,
+            amp=config.amp,
+            progress=config.progress,
+            validation_name="val ELBO",
+        ),
+        validate=ValidationELBO(data.val, config.eval_batch_size, config.seed),
+        callbacks=[*builtin, *callbacks],
+        data_generator=data_generator,
+    )
+    if resume_point is not None:
+        model.load_state_dict(resume_point.weights)
+        trainer.load_state_dict(resume_point.trainer_state)
+        logger.info("resuming after epoch %d of %d", resume_point.epoch, config.epochs)
+    trainer.fit()
+    return finish(config, data, trainer, device)
+
+
+def finish(
+    config: TrainConfig, data: MNISTData, trainer: Trainer, device: torch.device
+) -> RunResult:
+    """Best weights -> anomaly calibration -> test metrics -> the final checkpoint in out_dir."""
+    out_dir = config.out_dir
+    model = load_checkpoint(train_state_dir(out_dir) / "best", device).model
+    logger.info(
+        "calibrating the anomaly score and evaluating epoch %d on the test split",
+        trainer.best_epoch,
+    )
+    anomaly = calibrate_anomaly(model, data, config.anomaly_fpr, config.eval_batch_size)
+    metrics = evaluate(
+        model,
+        data.test,
+        iwae_k=config.iwae_k,
+        batch_size=config.eval_batch_size,
+        generator=torch.Generator(device).manual_seed(config.seed),
+    )
+    training = {
+        "preset": config.preset,
+        "config": config.to_dict(),
+        "epochs_run": trainer.epoch,
+        "best_epoch": trainer.best_epoch,
+        "best_val_elbo": trainer.best_score,
+        "stopped_early": trainer.stopped_early,
+        "train_seconds": round(trainer.train_seconds, 3),
+        "device": str(device),
+        "amp": trainer.use_amp,
+    }
+    report = {"training": training, "metrics": metrics, "anomaly": anomaly}
+    model.save_pretrained(
+        out_dir,
+        metadata={**report, "dataset": data.split_info},
+        extra_files={
+            METRICS_FILE: (
+                json.dumps({**report, "history": trainer.history}, indent=2) + "\n"
+            ).encode(),
+            SAMPLES_FILE: png_bytes(sample_grid(model, seed=config.seed)),
+        },
+    )
+    return RunResult(
+        checkpoint=out_dir,
+        metrics=metrics,
+        anomaly=anomaly,
+        epochs_run=trainer.epoch,
+        train_seconds=trainer.train_seconds,
+        device=str(device),
+    )
+
+
+# What a checkpoint folder may hold: save_pretrained replaces the whole folder (keeping only
+# train_state/), so a run refuses an --out that holds anything else rather than delete it.
+CHECKPOINT_ENTRIES = frozenset(
+    {"config.json", "model.safetensors", METRICS_FILE, SAMPLES_FILE, TRAIN_STATE_DIR}
+)
+
+
+def check_output(out_dir: Path, tensorboard: str | None = None) -> None:
+    """Refuse an output folder that cannot be written or that holds other files (the final
+    save replaces the folder), and TensorBoard logs that the final save would delete; all
+    without creating anything."""
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in CHECKPOINT_ENTRIES)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ConfigError(
+                f"--out {out_dir} already holds files that are not part of a checkpoint "
+                f"({shown}); the final checkpoint replaces the whole folder, so choose a new "
+                "or empty --out"
+            )
+    if tensorboard is not None:
+        logs, out = Path(tensorboard).resolve(), out_dir.resolve()
+        if logs.is_relative_to(out) and not logs.is_relative_to(out / TRAIN_STATE_DIR):
+            raise ConfigError(
+                f"--tensorboard {tensorboard} is inside --out, which the final checkpoint "
+                f"replaces; use {out_dir / TRAIN_STATE_DIR / 'tb'} (kept) or a folder elsewhere"
+            )
+    existing = out_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"cannot write the checkpoint to --out {out_dir}: {existing} is a file, not a folder; "
+            "choose another --out"
+        )
+    try:
+        # Probe with a real file: permission bits, read-only mounts and quotas all show up here.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the checkpoint to --out {out_dir}: {existing} is not writable "
+            f"({exc.strerror}); choose another --out"
+        ) from exc
