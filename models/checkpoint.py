@@ -84,11 +84,23 @@ def save_checkpoint(
             if Path(name).name != name or name in (CONFIG_NAME, WEIGHTS_NAME, PRESERVED_SUBFOLDER):
                 raise ValueError(f"extra file name {name!r} must be a plain, unreserved file name")
             (staging / name).write_bytes(data)
+        _make_readable(staging)
         _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; a checkpoint is read by other users too (a
+    service in a container, say), so give it the modes the umask allows a normal folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o755 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o644 & ~umask)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-# pytest's default (prepend) import mode put tests/ on sys.path to import this file; there
-# tests/models and tests/training would shadow the real packages as empty namespace packages.
-# (pyproject's `pythonpath = ["."]` or `--import-mode=importlib` would make this line moot.)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
-from training.config import TrainConfig  # noqa: E402
-from training.run import train  # noqa: E402
+from training.config import TrainConfig
+from training.run import train
 
 
 @pytest.fixture(scope="session")

@@ -142,3 +142,17 @@ def test_unwritable_destination_raises_a_clear_error(model: VAE, tmp_path: Path)
     blocker.write_text("not a folder")
     with pytest.raises(CheckpointError, match="cannot write checkpoint"):
         model.save_pretrained(blocker / "ckpt")
+
+
+def test_checkpoint_is_readable_by_other_users(model: VAE, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert stat.S_IMODE((tmp_path / "ckpt" / name).stat().st_mode) == 0o644

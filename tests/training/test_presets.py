@@ -23,7 +23,7 @@ def test_default_preset_is_the_conditional_conv_vae_on_mnist_5k() -> None:
     config = TrainConfig.from_preset("default")
     assert config == TrainConfig()
     model = config.model_config()
-    assert (model.architecture, model.hidden_dims, model.latent_dim) == ("conv", (32, 64), 16)
+    assert (model.architecture, model.hidden_dims, model.latent_dim) == ("conv", (32, 64), 8)
     assert model.num_classes == 10 and model.likelihood == "bernoulli"
     assert (config.dataset, config.epochs, config.batch_size, config.lr) == (
         "mnist-5k",
