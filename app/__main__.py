@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         "port": settings.port,
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": int(settings.request_timeout_s) + 1,
+        # Past this many open connections plus tasks, uvicorn answers 503 by itself: idle or
+        # slow clients cannot make the server hold unbounded uploads and tasks.
+        "limit_concurrency": settings.max_concurrency,
     }
     if settings.workers == 1:
         uvicorn.run(create_app(settings, registry), **common)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from app.errors import Overloaded, ServiceError, Unavailable
+from app.errors import Overloaded, ServiceError, ShuttingDown, Unavailable
 from app.metrics import Metrics
 
 logger = logging.getLogger("app.batching")
@@ -71,24 +71,38 @@ class MicroBatcher:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
         self._worker: asyncio.Task[None] | None = None
+        self._running: list[_Job] = []  # the jobs of the forward pass under way
+        self._stopping = False
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        """Refuse new jobs, let queued and running ones finish (for at most the request
+        timeout, after which their callers have given up anyway), then stop the worker."""
+        self._stopping = True
+        in_flight = [j.future for j in (*self._running, *self._pending) if not j.future.done()]
+        if in_flight and self._worker is not None and not self._worker.done():
+            _, unfinished = await asyncio.wait(in_flight, timeout=self._timeout)
+            if unfinished:
+                logger.warning("stopping %r with %d job(s) unfinished", self.name, len(unfinished))
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        for job in self._pending:
+        for job in (*self._running, *self._pending):
             if not job.future.done():
-                job.future.set_exception(Unavailable("the server is shutting down; retry"))
+                job.future.set_exception(ShuttingDown("the server is shutting down; retry"))
         self._pending.clear()
-        self._executor.shutdown(wait=True)
+        # A pass still running after the drain is stuck: waiting for its thread here would block
+        # the event loop (the thread ends with its pass; the process waits for it at exit).
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, op: str, inputs: Inputs) -> Inputs:
         """Queue one request's inputs (leading axis = its images) and await its outputs."""
         images = next(iter(inputs.values())).shape[0]
+        if self._stopping:
+            raise ShuttingDown(f"model {self.name!r} is shutting down; retry", retry_after=1)
         if self._queued_images + images > self._max_queue:
             raise Overloaded(
                 f"model {self.name!r} has {self._queued_images} images queued (limit "
@@ -116,13 +130,16 @@ class MicroBatcher:
         """The oldest job plus queued jobs of the same op that fit under the image cap."""
         first = self._pending.popleft()
         batch, total, keep = [first], first.images, deque[_Job]()
-        while self._pending:
+        # Once the batch is full nothing else fits: stop scanning (a long queue under the
+        # naive VAE_MAX_BATCH_IMAGES=1 would otherwise be walked once per request).
+        while self._pending and total < self._max_batch:
             job = self._pending.popleft()
             if job.op == first.op and total + job.images <= self._max_batch:
                 batch.append(job)
                 total += job.images
             else:
                 keep.append(job)
+        keep.extend(self._pending)
         self._pending = keep
         return batch
 
@@ -138,7 +155,11 @@ class MicroBatcher:
                 self._metrics.queue_depth.labels(self.name).set(self._queued_images)
                 live = [j for j in jobs if not j.future.done()]
                 if live:
-                    await self._run_jobs(live)
+                    self._running = live
+                    try:
+                        await self._run_jobs(live)
+                    finally:
+                        self._running = []
 
     async def _run_jobs(self, jobs: list[_Job]) -> None:
         op = jobs[0].op

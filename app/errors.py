@@ -74,3 +74,16 @@ class NotReady(Unavailable):
     """Models are still loading; the client should retry once readiness reports ready."""
 
     reason = "not_ready"
+
+
+class ShuttingDown(Unavailable):
+    """The server is stopping and takes no new work; the client should retry elsewhere."""
+
+    reason = "shutting_down"
+
+
+class InferenceFailed(ServiceError):
+    """The forward pass raised: the server's fault, answered for the requests in that pass."""
+
+    status_code = 500
+    reason = "inference_failed"

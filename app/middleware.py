@@ -1,15 +1,18 @@
-"""ASGI middleware: request metrics by route template, and a cap on request body size."""
+"""ASGI middleware: request metrics by route template, body size and pace limits, test faults."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.inference import parse_fault, requested_fault
 from app.metrics import Metrics
 
 
@@ -129,3 +132,75 @@ class BodySizeLimitMiddleware:
 
 def _too_large(limit: int) -> str:
     return f"request body over {limit} bytes; send fewer or smaller files"
+
+
+class BodyTimeoutMiddleware:
+    """408 when a request body stalls: more than `timeout_s` between two received chunks.
+
+    A client that trickles its upload (slowloris) would otherwise hold a connection, a task
+    and a spooled part file for as long as it likes. The clock runs only while the app waits
+    for body bytes, so a slow forward pass never counts against the client.
+    """
+
+    def __init__(self, app: ASGIApp, *, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def paced_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                # After the body, receive() only reports a disconnect: that may take forever.
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                # Raised inside the body read, so the app's handlers answer it (and count it).
+                # The rest of the body is never read, so the connection cannot be reused.
+                raise HTTPException(
+                    408,
+                    f"the request body stalled for over {self.timeout_s:g} s "
+                    "(VAE_BODY_TIMEOUT_S); send it without pauses",
+                    headers={"Connection": "close"},
+                ) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, paced_receive, send)
+
+
+class FaultInjectionMiddleware:
+    """Test hook, installed only with VAE_ENABLE_TEST_HOOKS: the `X-Test-Fault` header makes
+    this request's forward passes misbehave, to test how the service copes.
+
+    `raise`: the forward pass raises (-> 500); `oom`: it raises torch.OutOfMemoryError (-> 413);
+    `slow=<seconds>`: it sleeps first (-> 504 past VAE_REQUEST_TIMEOUT_S). Requests batched
+    with a faulty one are retried without it and succeed. An unknown value is answered 400.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"x-test-fault")
+        try:
+            fault = 0.0 if header is None else parse_fault(header.decode("latin-1"))
+        except ValueError as exc:
+            response = JSONResponse({"detail": str(exc)}, status_code=400)
+            await response(scope, receive, send)
+            return
+        # Every request gets a value (0: no fault), so that all jobs carry the fault column
+        # and batch together (app.predict).
+        token = requested_fault.set(fault)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            requested_fault.reset(token)

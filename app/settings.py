@@ -65,6 +65,19 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=30.0, gt=0.0, description="Seconds a request may wait for its result."
     )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Seconds a request body may stall between two received chunks before the "
+        "request is answered 408 (slow or stalled uploads must not hold a connection forever).",
+    )
+    max_concurrency: int = Field(
+        default=256,
+        gt=0,
+        description="Open connections plus requests in progress per worker past which new "
+        "requests are answered 503 (uvicorn's limit_concurrency); bounds the memory that "
+        "uploads in flight can hold.",
+    )
     workers: int = Field(default=1, gt=0, description="Server worker processes.")
     torch_threads: int | None = Field(
         default=None, gt=0, description="torch.set_num_threads; unset keeps torch's default."
@@ -72,7 +85,14 @@ class Settings(BaseSettings):
     log_level: str = Field(default="info", description=f"One of {', '.join(LOG_LEVELS)}.")
     enable_test_hooks: bool = Field(
         default=False,
-        description="Enable fault-injection hooks for tests; never in production.",
+        description="Honour the X-Test-Fault request header (raise, oom or slow=<seconds>: "
+        "make this request's forward pass fail or stall), for robustness tests; never in "
+        "production.",
+    )
+    enable_bench_routes: bool = Field(
+        default=False,
+        description="Serve POST /bench/floor (a constant PNG) for the benchmark suite's "
+        "floor measurement; off in production.",
     )
 
     @model_validator(mode="after")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import torch
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedImage
 from app.imaging import decode_image
@@ -53,21 +55,51 @@ async def read_images(
         )
     limit = settings.max_files if many else 1
     try:
-        form = await request.form(max_files=limit, max_fields=16, max_part_size=64 * 1024)
-    except HTTPException as exc:
-        if exc.status_code == 413:
-            raise
-        if "Too many files" in str(exc.detail):
+        async with aclosing(request.stream()) as stream:
+            parser = _CompleteMultiPartParser(
+                request.headers, stream, max_files=limit, max_fields=16, max_part_size=64 * 1024
+            )
+            form = await parser.parse()
+    except MultiPartException as exc:
+        if "Too many files" in exc.message:
             raise PayloadTooLarge(
                 f"too many files: at most {limit} per request (VAE_MAX_FILES)"
             ) from None
-        raise InvalidInput(f"malformed multipart body: {exc.detail}") from None
+        raise InvalidInput(f"malformed multipart body: {exc.message}") from None
     try:
         blobs = await _read_parts(form.getlist(FIELD), settings)
     finally:
         # Uploads are spooled to temporary files: close them now, not at garbage collection.
         await form.close()
     return await run_in_threadpool(_decode_all, blobs, settings, invert)
+
+
+class _CompleteMultiPartParser(MultiPartParser):
+    """Starlette's parser, refusing a body that ends before its closing boundary.
+
+    python-multipart accepts such a body silently, and the file part it ended in is never
+    finished, so its spooled temporary file leaks (an open descriptor per request).
+    Raising from the stream makes the parser close every file it opened.
+    """
+
+    def __init__(
+        self, headers: Headers, stream: AsyncGenerator[bytes, None], **limits: Any
+    ) -> None:
+        self.complete = False
+        super().__init__(headers, self._until_complete(stream), **limits)
+
+    def on_end(self) -> None:
+        self.complete = True  # python-multipart calls this on the closing boundary
+
+    async def _until_complete(
+        self, stream: AsyncGenerator[bytes, None]
+    ) -> AsyncGenerator[bytes, None]:
+        async for chunk in stream:
+            yield chunk
+        if not self.complete:
+            raise MultiPartException(
+                "the body ends before its closing boundary; send the whole form"
+            )
 
 
 async def _read_parts(parts: list[UploadFile | str], settings: Settings) -> list[bytes]:

@@ -2,11 +2,23 @@
 
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from app.schemas import ErrorBody
+
+
+class ValidationErrorBody(BaseModel):
+    """A 422: the service's own message, or FastAPI's list of invalid values."""
+
+    detail: str | list[dict[str, Any]] = Field(
+        description="What was wrong: a message, or one entry per invalid value (loc, msg, type)."
+    )
+
 
 _ERRORS = {
     400: "The request does not fit the model (e.g. a digit for an unconditional model).",
     404: "Unknown model.",
+    408: "The request body stalled past VAE_BODY_TIMEOUT_S.",
     413: "Too large: bytes, pixels, images or files over the configured limits.",
     415: "Not a decodable image.",
     422: "Validation failed: out-of-range, non-finite, missing or malformed values.",
@@ -17,7 +29,13 @@ _ERRORS = {
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses an endpoint can answer."""
-    return {code: {"model": ErrorBody, "description": _ERRORS[code]} for code in codes}
+    return {
+        code: {
+            "model": ValidationErrorBody if code == 422 else ErrorBody,
+            "description": _ERRORS[code],
+        }
+        for code in codes
+    }
 
 
 def image_content(json_model: type, gif: bool = False) -> dict[int | str, dict[str, Any]]:

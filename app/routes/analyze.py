@@ -18,7 +18,7 @@ from app.state import ModelDep, StateDep
 from app.uploads import multipart_body, read_images
 
 router = APIRouter(tags=["analysis"])
-UPLOAD_ERRORS = error_responses(400, 404, 413, 415, 422, 503)
+UPLOAD_ERRORS = error_responses(400, 404, 408, 413, 415, 422, 503, 504)
 
 
 @router.post(

@@ -38,7 +38,10 @@ SeedQuery = Annotated[
 ]
 DigitQuery = Annotated[int | None, Query(ge=0, le=9, description="Digit (conditional models).")]
 Invert = Annotated[bool, Query(description="Flip black-on-white input to white-on-black.")]
-GENERATED = {**image_content(GeneratedJSON), **error_responses(400, 404, 413, 415, 422, 503)}
+GENERATED = {
+    **image_content(GeneratedJSON),
+    **error_responses(400, 404, 408, 413, 415, 422, 503, 504),
+}
 
 
 def _check_count(n: int, limit: int) -> None:
@@ -111,7 +114,7 @@ async def decode(
     "/interpolate",
     responses={
         **image_content(InterpolationJSON, gif=True),
-        **error_responses(400, 404, 413, 415, 422, 503),
+        **error_responses(400, 404, 408, 413, 415, 422, 503, 504),
     },
 )
 async def interpolate(

@@ -27,6 +27,8 @@ NOT_PASSED = {
     "torch_threads",
     # Fault injection for tests; never in production.
     "enable_test_hooks",
+    # The benchmark's constant-response floor endpoint; only the benchmark turns it on.
+    "enable_bench_routes",
 }
 VAE_SETTINGS = tuple(
     f"VAE_{name.upper()}" for name in Settings.model_fields if name not in NOT_PASSED
