@@ -27,10 +27,16 @@ train: setup
 test: setup
 	$(PY) -m pytest
 
+# The benchmark suite (bench/): about 10 minutes, loopback only; writes bench/results/latest.*.
+# BENCH_ARGS="--quick" for a smoke run, or name sections: BENCH_ARGS="serving batching".
+BENCH_ARGS ?=
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy models training app
+	$(PY) -m mypy models training app bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The benchmark suite: serving throughput and latency, batching, workers, startup, training."""
