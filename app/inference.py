@@ -7,18 +7,68 @@ model, so batching, device placement and out-of-memory handling live here.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from app.errors import PayloadTooLarge
+from app.errors import InferenceFailed, PayloadTooLarge
 from app.registry import LoadedModel
 from models import VAE
 
+logger = logging.getLogger("app.inference")
 Inputs = dict[str, Tensor]
 NO_DIGIT = -1  # in a "digit" input: let the model predict it
+
+# Test hooks (VAE_ENABLE_TEST_HOOKS only; see app.middleware.FaultInjectionMiddleware). The
+# fault a request asks for travels with its job as one more input column, one value per
+# image, so the batcher can batch, split and retry it like any other input.
+FAULT_INPUT = "fault"
+FAULT_RAISE = -1.0
+FAULT_OOM = -2.0
+MAX_FAULT_DELAY_S = 60.0
+# The fault of the request being handled: None when test hooks are off, 0.0 for no fault.
+requested_fault: ContextVar[float | None] = ContextVar("requested_fault", default=None)
+
+
+class InjectedFault(RuntimeError):
+    """The forward-pass failure that the `raise` test fault asks for."""
+
+
+def parse_fault(value: str) -> float:
+    """An X-Test-Fault header value (`raise`, `oom`, `slow=<seconds>`) as a fault code."""
+    text = value.strip().lower()
+    if text == "raise":
+        return FAULT_RAISE
+    if text == "oom":
+        return FAULT_OOM
+    kind, _, seconds = text.partition("=")
+    if kind == "slow":
+        try:
+            delay = float(seconds)
+        except ValueError:
+            delay = -1.0
+        if 0.0 < delay <= MAX_FAULT_DELAY_S:
+            return delay
+    raise ValueError(
+        f"X-Test-Fault {value!r} is not a fault; use raise, oom or "
+        f"slow=<seconds, 0 < s <= {MAX_FAULT_DELAY_S:g}>"
+    )
+
+
+def _inject_fault(codes: Tensor) -> None:
+    """Misbehave as the batch's faulty jobs ask: sleep the longest delay, then raise."""
+    delay = float(codes.clamp(min=0.0).max()) if codes.numel() else 0.0
+    if delay > 0.0:
+        time.sleep(delay)
+    if bool((codes == FAULT_RAISE).any()):
+        raise InjectedFault("test fault: this forward pass was asked to raise (X-Test-Fault)")
+    if bool((codes == FAULT_OOM).any()):
+        raise torch.OutOfMemoryError("test fault: simulated out of memory (X-Test-Fault)")
 
 
 def _resolve_digits(model: VAE, x: Tensor, digit: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,6 +124,22 @@ def anomaly(model: VAE, inputs: Inputs) -> Inputs:
     return outputs
 
 
+def similar(entry: LoadedModel, inputs: Inputs) -> Inputs:
+    """x (N, 1, 28, 28), k (N,) [+ digit] -> indices, distances (N, max k) into the entry's
+    latent index, nearest first [+ digit, digit_probability]. Conditional models encode with
+    the given or predicted digit and search within it (training/index.py says why)."""
+    index, model, x = entry.index, entry.model, inputs["x"]
+    assert index is not None  # the route refuses models without an index
+    digits, extra = None, {}
+    if model.config.conditional:
+        digits, probability = _resolve_digits(model, x, inputs["digit"])
+        extra = {"digit": digits, "digit_probability": probability}
+    found = index.search(
+        model.encode(x, digits).mean, int(inputs["k"].max()), digits if index.conditional else None
+    )
+    return {"indices": found.indices, "distances": found.distances, **extra}
+
+
 OPS: dict[str, Callable[[VAE, Inputs], Inputs]] = {
     "decode": decode,
     "encode": encode,
@@ -85,10 +151,17 @@ OPS: dict[str, Callable[[VAE, Inputs], Inputs]] = {
 def run_op(entry: LoadedModel, op: str, inputs: Inputs) -> Inputs:
     """Run one (batched) op on the model's device; called from the model's inference thread."""
     device = entry.device
+    fault = inputs.get(FAULT_INPUT)
     with torch.inference_mode():
         try:
+            if fault is not None:
+                _inject_fault(fault)
+                inputs = {k: v for k, v in inputs.items() if k != FAULT_INPUT}
             on_device = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-            outputs = OPS[op](entry.model, on_device)
+            if op == "similar":  # reads the entry's latent index as well as its model
+                outputs = similar(entry, on_device)
+            else:
+                outputs = OPS[op](entry.model, on_device)
             return {
                 k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in outputs.items()
             }
@@ -98,6 +171,16 @@ def run_op(entry: LoadedModel, op: str, inputs: Inputs) -> Inputs:
             raise PayloadTooLarge(
                 f"model {entry.name!r} ran out of memory on {device}; send fewer images per request"
             ) from None
+        except Exception as exc:
+            # A domain error, not a crash: the server answers 500 JSON for the requests of this
+            # pass (each is retried alone first) and keeps its connections open.
+            logger.error(
+                "forward pass %r of model %r failed: %r", op, entry.name, exc, exc_info=exc
+            )
+            raise InferenceFailed(
+                f"model {entry.name!r} failed on this request ({type(exc).__name__}); it was not "
+                "processed: retry, and report it if it persists"
+            ) from exc
 
 
 def one_hot(digits: Tensor, num_classes: int) -> Tensor:
@@ -115,3 +198,5 @@ def warm_up(entry: LoadedModel) -> None:
     run_op(entry, "reconstruct", {"x": x, **digit})
     if bool(entry.model.anomaly_fitted):
         run_op(entry, "anomaly", {"x": x})
+    if entry.index is not None:
+        run_op(entry, "similar", {"x": x, "k": torch.tensor([1, 1]), **digit})

@@ -12,6 +12,7 @@ import torch
 from app.errors import ModelNotFound
 from app.settings import Settings, SettingsError
 from models import VAE, load_checkpoint
+from training.index import LatentIndex, load_index
 
 logger = logging.getLogger("app.registry")
 
@@ -44,6 +45,7 @@ class LoadedModel:
     path: Path
     device: torch.device
     anomaly_quantiles: torch.Tensor = field(init=False)
+    index: LatentIndex | None = None  # the training split's latents, for /similar
 
     def __post_init__(self) -> None:
         quantiles = self.metadata.get("anomaly", {}).get("quantiles") or []
@@ -95,6 +97,7 @@ class LoadedModel:
             "epochs": training.get("epochs_run", training.get("epochs")),
             "metrics": meta.get("metrics", {}),
             "anomaly": {k: v for k, v in anomaly.items() if k != "quantiles"},
+            "index": None if self.index is None else self.index.summary(),
             "created_at": meta.get("created_at"),
             "weights_sha256": meta.get("weights_sha256"),
         }
@@ -132,6 +135,10 @@ class Registry:
                     f"two checkpoints are named {name!r}; give checkpoint folders distinct names"
                 )
             checkpoint = load_checkpoint(folder, device)
-            models.append(LoadedModel(name, checkpoint.model, checkpoint.metadata, folder, device))
+            # Optional: a checkpoint without index.safetensors serves everything but /similar.
+            index = load_index(folder, device, checkpoint.metadata.get("index", {}).get("sha256"))
+            models.append(
+                LoadedModel(name, checkpoint.model, checkpoint.metadata, folder, device, index)
+            )
             logger.info("loaded model %r from %s on %s", name, folder, device)
         return cls(models)

@@ -1,0 +1,260 @@
+"""Tests for app.routes.ui: the page and its assets, then the page driven in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from fastapi.testclient import TestClient
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+from app.routes.ui import STATIC_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+# Debian's packages (`apt-get install chromium chromium-driver`; .ci/run installs them): the
+# driver matches the browser's version exactly and nothing is downloaded.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+READY_WITHIN_S = 90.0
+WAIT_S = 30.0
+GRID_PX = (8 * 30 + 2, 2 * 30 + 2)  # the page's 16 samples, 8 a row, 28 px + 2 px padding
+
+
+# ---- the files ------------------------------------------------------------------------------
+
+
+def test_the_page_is_served_at_the_root(client: TestClient) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert 'src="static/app.js"' in response.text and 'href="static/style.css"' in response.text
+
+
+@pytest.mark.parametrize(
+    ("asset", "media_type"), [("app.js", "text/javascript"), ("style.css", "text/css")]
+)
+def test_assets_are_served_under_static(client: TestClient, asset: str, media_type: str) -> None:
+    response = client.get(f"/static/{asset}")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith(media_type)
+    assert response.content == (STATIC_DIR / asset).read_bytes()
+
+
+def test_a_missing_asset_is_a_404(client: TestClient) -> None:
+    assert client.get("/static/missing.js").status_code == 404
+
+
+def test_the_page_loads_nothing_from_elsewhere() -> None:
+    """No CDN, font service or analytics: the page works offline."""
+    for path in STATIC_DIR.iterdir():
+        text = path.read_text()
+        assert not re.search(r"(https?:)?//[\w.-]+\.[a-z]{2,}/", text), path.name
+        assert "@import" not in text and "url(" not in text, path.name
+
+
+def test_the_page_is_not_part_of_the_api_schema(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/" not in paths and "/similar" in paths
+
+
+# ---- in a real browser ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def live_server(trained_checkpoint: Path, tmp_path: Path) -> Iterator[str]:
+    """`python -m app` serving the trained checkpoint on a free loopback port, ready."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "app", "--checkpoints", str(trained_checkpoint)),
+                *("--host", "127.0.0.1", "--port", str(port), "--device", "cpu"),
+            ],
+            cwd=REPO,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + READY_WITHIN_S
+            while True:
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "not ready in time: " + log_path.read_text()
+                try:
+                    if httpx2.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx2.TransportError:
+                    pass
+                time.sleep(0.2)
+            yield base
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium from Debian's packages, with a fresh profile and no network of its own."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.skip(
+            f"{' and '.join(missing)} not installed: apt-get install chromium chromium-driver "
+            "(.ci/run does)"
+        )
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not try to download
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1500",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(
+        executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")
+    )
+    driver = webdriver.Chrome(service=service, options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver: webdriver.Chrome, script: str, *args: Any) -> Any:
+    """Poll a JavaScript expression (`return ...`) until it is truthy; return its value."""
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(
+        lambda d: d.execute_script(script, *args), message=script
+    )
+
+
+def text_of(driver: webdriver.Chrome, element_id: str) -> str:
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+@pytest.mark.slow
+def test_the_page_works_in_a_real_browser(
+    live_server: str, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    browser.get(f"{live_server}/")
+    wait_for(browser, "return document.getElementById('model').options.length > 0")
+    assert "conditional" in text_of(browser, "model-info")
+
+    # Sample: a grid of 16 digits, 8 a row, appears.
+    browser.find_element(By.ID, "sample-seed").send_keys("7")
+    browser.find_element(By.ID, "sample-button").click()
+    size = wait_for(
+        browser,
+        "const img = document.getElementById('sample-image');"
+        "return img.complete && img.naturalWidth > 0 && [img.naturalWidth, img.naturalHeight];",
+    )
+    assert tuple(size) == GRID_PX
+    assert text_of(browser, "sample-caption") == "seed 7"
+
+    # Interpolate, then step through the frames with the keyboard.
+    browser.find_element(By.ID, "interp-button").click()
+    wait_for(browser, "return document.getElementById('interp-strip').children.length === 12")
+    slider = browser.find_element(By.ID, "interp-slider")
+    slider.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
+    assert text_of(browser, "interp-index") == "3 / 12"
+    assert wait_for(browser, "return document.getElementById('interp-frame').naturalWidth") == 28
+
+    # Draw a "1" on the pad: its reconstruction, score, digit and neighbours appear.
+    pad = browser.find_element(By.ID, "pad")
+    stroke = ActionChains(browser).move_to_element_with_offset(pad, 5, -95).click_and_hold()
+    for _ in range(19):
+        stroke = stroke.move_by_offset(-1, 10)
+    stroke.release().perform()
+    wait_for(browser, "return document.getElementById('neighbours').children.length === 8")
+    wait_for(
+        browser,
+        "return /^\\d+\\.\\d\\d/.test(document.getElementById('anomaly-score').textContent)",
+    )
+    assert re.fullmatch(r"\d \(\d+\.\d%\)", text_of(browser, "predicted-digit"))
+    assert text_of(browser, "predicted-digit").startswith("1 ")
+    assert re.match(r"0\.\d{4} mean squared", text_of(browser, "recon-error"))
+    for element_id in ("input-image", "recon-image", "heatmap-image"):
+        script = f"return document.getElementById('{element_id}').naturalWidth === 28"
+        assert wait_for(browser, script)
+    labels = [li.text.split()[0] for li in browser.find_elements(By.CSS_SELECTOR, "#neighbours li")]
+    assert labels.count("1") >= 6, labels
+    assert browser.find_element(By.ID, "draw-error").get_attribute("hidden") is not None
+
+    # An API error is shown with the server's own message, not swallowed. Enter submits.
+    seed = browser.find_element(By.ID, "sample-seed")
+    seed.clear()
+    seed.send_keys("-1", Keys.ENTER)
+    wait_for(browser, "return !document.getElementById('sample-error').hidden")
+    error = text_of(browser, "sample-error")
+    assert "422" in error and "query.seed" in error and "greater than or equal to 0" in error
+
+    # Latency from /metrics: after two polls the routes used above have a p50 and a p99.
+    wait_for(
+        browser,
+        "return [...document.querySelectorAll('#latency-rows td')]"
+        ".some(td => td.textContent === '/similar')",
+    )
+    rows = browser.find_elements(By.CSS_SELECTOR, "#latency-rows tr")
+    cells = [[td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+    assert cells[0][0] == "all API routes"
+    assert any(re.fullmatch(r"[\d.]+ ms", row[2]) for row in cells), cells
+
+    # Offline: everything the page loaded came from this server.
+    resources = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+    )
+    assert all(url.startswith((live_server, "data:", "blob:")) for url in resources), resources
+    # No script errors (the 422 above is logged by Chromium as a failed resource load).
+    errors = [
+        entry["message"]
+        for entry in browser.get_log("browser")
+        if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]
+    ]
+    assert not errors, errors
+
+    # The whole page, beyond the window, for a person to look at (DevTools' own capture).
+    layout = browser.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": layout["width"], "height": layout["height"], "scale": 1}
+    shot = browser.execute_cdp_cmd(
+        "Page.captureScreenshot", {"captureBeyondViewport": True, "clip": clip}
+    )
+    screenshot = tmp_path / "page.png"
+    screenshot.write_bytes(base64.b64decode(shot["data"]))
+    assert screenshot.stat().st_size > 10_000
