@@ -6,7 +6,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -29,18 +29,38 @@ def train_state_dir(out_dir: Path) -> Path:
     return out_dir / TRAIN_STATE_DIR
 
 
+class SideState(Protocol):
+    """Trained state beside the model that last/ must hold for an exact resume, e.g. the
+    adversarial objective's discriminator and classifier and their optimisers."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Goes into state.pt under SIDE_STATE_KEY; must load with weights_only=True."""
+        ...
+
+    def files(self) -> dict[str, bytes]:
+        """Extra files written into last/ (e.g. safetensors weights)."""
+        ...
+
+
+SIDE_STATE_KEY = "side_state"
+
+
 class CheckpointCallback(Callback):
-    """After every epoch: best/ (when validation improved), then last/ with state.pt.
+    """After every epoch: best/ (when validation improved), then last/ with state.pt (and the
+    files of the side state, if any, e.g. the adversarial run's discriminator and classifier).
 
     Each folder is written by save_pretrained, which swaps a complete folder into place, so
     last/'s weights and its state.pt are always from the same epoch. best/ goes first: after a
     crash between the two writes, the resumed run repeats that epoch and rewrites the same best.
     """
 
-    def __init__(self, model: VAE, out_dir: Path, config: TrainConfig) -> None:
+    def __init__(
+        self, model: VAE, out_dir: Path, config: TrainConfig, side_state: SideState | None = None
+    ) -> None:
         self.model = model
         self.folder = train_state_dir(out_dir)
         self.config = config
+        self.side_state = side_state
 
     def on_epoch_end(self, trainer: Trainer, summary: EpochSummary) -> None:
         metadata = {
@@ -52,10 +72,15 @@ class CheckpointCallback(Callback):
         }
         if summary.improved:
             self.model.save_pretrained(self.folder / "best", metadata)
+        state = trainer.state_dict()
+        files: dict[str, bytes] = {}
+        if self.side_state is not None:
+            state[SIDE_STATE_KEY] = self.side_state.state_dict()
+            files = self.side_state.files()
         buffer = io.BytesIO()
-        torch.save(trainer.state_dict(), buffer)
+        torch.save(state, buffer)
         self.model.save_pretrained(
-            self.folder / "last", metadata, extra_files={STATE_FILE: buffer.getvalue()}
+            self.folder / "last", metadata, extra_files={**files, STATE_FILE: buffer.getvalue()}
         )
 
 
@@ -66,6 +91,12 @@ class ResumePoint:
     weights: dict[str, Tensor]
     trainer_state: dict[str, Any]
     epoch: int
+    folder: Path | None = None  # last/ itself, for SideState files
+
+    @property
+    def side_state(self) -> dict[str, Any] | None:
+        state: dict[str, Any] | None = self.trainer_state.get(SIDE_STATE_KEY)
+        return state
 
 
 def load_resume_point(out_dir: Path, config: TrainConfig) -> ResumePoint:
@@ -85,7 +116,7 @@ def load_resume_point(out_dir: Path, config: TrainConfig) -> ResumePoint:
     wanted = config.to_dict()
     model_changes = [
         f"{name} {saved.get(name)!r} -> {wanted[name]!r}"
-        for name in (*MODEL_FIELDS, "dataset")
+        for name in (*MODEL_FIELDS, "dataset", "adversarial")
         if name in saved and saved[name] != wanted[name]
     ]
     if checkpoint.model.config != config.model_config() or model_changes:
@@ -116,5 +147,8 @@ def load_resume_point(out_dir: Path, config: TrainConfig) -> ResumePoint:
             "to start over"
         ) from exc
     return ResumePoint(
-        weights=checkpoint.model.state_dict(), trainer_state=state, epoch=int(state["epoch"])
+        weights=checkpoint.model.state_dict(),
+        trainer_state=state,
+        epoch=int(state["epoch"]),
+        folder=last,
     )

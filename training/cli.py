@@ -89,6 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument(
         "--tensorboard", metavar="DIR", help="write TensorBoard logs here (needs tensorboard)"
     )
+    adversarial = parser.add_argument_group("adversarial training (CVAE-GAN)")
+    adversarial.add_argument(
+        "--adversarial",
+        action=argparse.BooleanOptionalAction,
+        help="train a discriminator and a classifier beside a conditional VAE",
+    )
+    adversarial.add_argument("--lambda-adv", type=float, help="weight of the generator loss on D")
+    adversarial.add_argument(
+        "--lambda-cls", type=float, help="weight of C's cross-entropy on generated digits"
+    )
+    adversarial.add_argument("--discriminator-lr", type=float, help="Adam rate of D")
+    adversarial.add_argument("--classifier-lr", type=float, help="Adam rate of C")
+    adversarial.add_argument(
+        "--adversarial-start-epochs", type=float, help="plain ELBO epochs before D and C count"
+    )
+    adversarial.add_argument(
+        "--adversarial-ramp-epochs", type=float, help="epochs over which their weight reaches 1"
+    )
+    adversarial.add_argument(
+        "--baseline",
+        metavar="CHECKPOINT",
+        help="plain VAE to compare samples with (default: train the plain twin of this run)",
+    )
+    adversarial.add_argument(
+        "--quality-samples-per-class", type=int, help="prior samples per digit for the metrics"
+    )
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--iwae-k", type=int, help="IWAE samples for the test likelihood")
     evaluation.add_argument("--eval-batch-size", type=int)
@@ -120,6 +146,18 @@ def summary(result: RunResult) -> str:
         f"  anomaly threshold {anomaly['threshold']:.3f} (flags {anomaly['fpr']:.1%} of "
         f"validation digits, {anomaly['test_fpr']:.1%} of test digits)"
     )
+    quality = metrics.get("sample_quality")
+    if quality is not None:
+        lines.append(
+            f"  prior samples ({quality['samples_per_class']} per digit), judged by the "
+            "reference classifier:"
+        )
+        for name in ("adversarial", "plain"):
+            judged = quality[name]["reference_classifier"]
+            lines.append(
+                f"    {name:<11} digit accuracy {judged['accuracy']:.1%}, "
+                f"Frechet distance to test digits {judged['frechet_distance']:.2f}"
+            )
     return "\n".join(lines)
 
 

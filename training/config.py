@@ -107,6 +107,34 @@ class TrainConfig:
     # TensorBoard log folder; None = no TensorBoard (it is an optional dependency).
     tensorboard: str | None = None
 
+    # ---- adversarial training (CVAE-GAN, Bao et al. 2017; training/adversarial.py) ----
+    # Train a discriminator D and a digit classifier C beside a conditional VAE and add their
+    # losses to the ELBO, for sharper samples that look like their digit.
+    adversarial: bool = False
+    # Weight of the generator loss: feature matching on D's penultimate layer, whose raw value
+    # runs from ~120 when the terms start down to ~30, so 0.03 adds 1-4 nats to an ELBO of ~115.
+    # Measured on mnist-5k (default model, 50 epochs; Frechet distance of samples, lower is
+    # better, plain VAE 28.5): 0 -> 20.4, 0.03 -> 20.5, 0.05 -> 23.4, 0.1 -> 30.3, 0.5 -> 44.
+    # Larger weights draw sharper strokes but drift from the test digits' statistics.
+    lambda_adv: float = 0.03
+    # Weight of C's cross-entropy on generated digits against the digit asked for. 10: samples
+    # named right by an independent classifier 95.5% of the time (plain VAE 76%); 3 -> 90%,
+    # 1 -> 80%, at the same ELBO.
+    lambda_cls: float = 10.0
+    # Adam rates of D and C; D slower than the VAE, so it does not win outright on 3.6k digits.
+    discriminator_lr: float = 2e-4
+    classifier_lr: float = 1e-3
+    # Epochs of plain ELBO training (D and C already learn) before the adversarial terms start,
+    # then epochs over which their weight ramps linearly from 0 to 1.
+    adversarial_start_epochs: float = 5.0
+    adversarial_ramp_epochs: float = 5.0
+    # The plain VAE whose samples the adversarial one is compared with; None = train the plain
+    # twin of this run (same preset, seed and epochs) into <out>/train_state/baseline.
+    baseline: str | None = None
+    # Prior samples per digit for the sample-quality metrics (the test split of mnist-5k has
+    # 100 per digit).
+    quality_samples_per_class: int = 100
+
     # ---- evaluation ----
     # Importance samples of the test log-likelihood; 100 keeps evaluation on CPU near a minute.
     iwae_k: int = 100
@@ -169,6 +197,38 @@ class TrainConfig:
                 "a share strictly between 0 and 0.5, e.g. 0.01",
             ),
         ]
+        checks += [
+            (_non_negative(self.lambda_adv), "lambda_adv", "0 or more, e.g. 1"),
+            (_non_negative(self.lambda_cls), "lambda_cls", "0 or more, e.g. 1"),
+            (_positive(self.discriminator_lr), "discriminator_lr", "a positive rate, e.g. 2e-4"),
+            (_positive(self.classifier_lr), "classifier_lr", "a positive rate, e.g. 1e-3"),
+            (
+                _non_negative(self.adversarial_start_epochs),
+                "adversarial_start_epochs",
+                "0 or more epochs",
+            ),
+            (
+                _non_negative(self.adversarial_ramp_epochs),
+                "adversarial_ramp_epochs",
+                "0 or more epochs",
+            ),
+            (
+                _is_int(self.quality_samples_per_class) and self.quality_samples_per_class > 1,
+                "quality_samples_per_class",
+                "at least 2 samples per digit, e.g. 100",
+            ),
+        ]
+        if self.adversarial and not self.conditional:
+            raise ConfigError(
+                "--adversarial needs a conditional VAE (its classifier judges samples of a "
+                "chosen digit): drop --no-conditional, or use a conditional preset such as "
+                "cvae-gan"
+            )
+        if self.baseline is not None and not self.adversarial:
+            raise ConfigError(
+                "--baseline is the plain VAE an adversarial run is compared with: add "
+                "--adversarial, or drop --baseline"
+            )
         for ok, name, expected in checks:
             if not ok:
                 flag = "--" + name.replace("_", "-")

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import VAE, load_checkpoint
+from models import VAE, load_checkpoint, read_metadata
+from training.adversarial import AdversarialObjective
 from training.checkpoints import (
+    STATE_FILE,
     TRAIN_STATE_DIR,
     CheckpointCallback,
     load_resume_point,
@@ -25,7 +27,9 @@ from training.config import ConfigError, TrainConfig, resolve_device
 from training.data import Batches, MNISTData, Split, load_dataset
 from training.evaluate import calibrate_anomaly, evaluate
 from training.generate import png_bytes, sample_grid
+from training.index import INDEX_FILE, build_checkpoint_index
 from training.objective import VAEObjective
+from training.sample_quality import compare_sample_quality
 from training.tensorboard import TensorBoardCallback, open_writer, require_tensorboard
 from training.trainer import Callback, Trainer, TrainerSettings
 
@@ -33,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.png"
+# Where an adversarial run trains its plain twin, inside its train_state/.
+BASELINE_DIR = "baseline"
 
 
 @dataclass
@@ -84,6 +90,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     check_output(out_dir, config.tensorboard)
     data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
     resume_point = load_resume_point(out_dir, config) if config.resume else None
+    baseline = plain_baseline(config) if config.adversarial else None
 
     logger.info(
         "training preset %r on %s (%s) -> %s",
@@ -106,13 +113,17 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     batches = Batches(
         data.train, config.batch_size, generator=data_generator, binarize=config.binarize
     )
-    builtin: list[Callback] = [CheckpointCallback(model, out_dir, config)]
+    adversary = (
+        AdversarialObjective.for_run(config, len(batches), device) if config.adversarial else None
+    )
+    builtin: list[Callback] = [CheckpointCallback(model, out_dir, config, side_state=adversary)]
     if config.tensorboard is not None:
         writer = open_writer(Path(config.tensorboard))
         builtin.append(TensorBoardCallback(writer, model, seed=config.seed))
     trainer = Trainer(
         model,
-        VAEObjective(config.beta, config.kl_warmup_epochs, len(batches), config.free_bits),
+        adversary
+        or VAEObjective(config.beta, config.kl_warmup_epochs, len(batches), config.free_bits),
         batches,
         TrainerSettings(
             epochs=config.epochs,
@@ -131,21 +142,40 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     )
     if resume_point is not None:
         model.load_state_dict(resume_point.weights)
-        trainer.load_state_dict(resume_point.trainer_state)
+        if adversary is not None:
+            if resume_point.side_state is None or resume_point.folder is None:
+                raise ConfigError(
+                    f"--resume: {out_dir} holds no discriminator and classifier state; "
+                    "start a new run without --resume"
+                )
+            adversary.load_files(resume_point.folder)
+            adversary.load_state_dict(resume_point.side_state)
+        trainer.load_state_dict(resume_point.trainer_state)  # last: it restores the RNGs
         logger.info("resuming after epoch %d of %d", resume_point.epoch, config.epochs)
     trainer.fit()
-    return finish(config, data, trainer, device)
+    return finish(config, data, trainer, device, baseline)
 
 
 def finish(
-    config: TrainConfig, data: MNISTData, trainer: Trainer, device: torch.device
+    config: TrainConfig,
+    data: MNISTData,
+    trainer: Trainer,
+    device: torch.device,
+    baseline: Path | None = None,
 ) -> RunResult:
-    """Best weights -> anomaly calibration -> test metrics -> the final checkpoint in out_dir."""
+    """Best weights -> anomaly calibration -> test metrics -> the final checkpoint in out_dir.
+
+    An adversarial run keeps its last epoch instead of the best by validation ELBO: its
+    adversarial terms trade likelihood for sharper samples, so the best-ELBO epoch would pick
+    the least adversarial weights. Its metrics add the sample quality against `baseline`.
+    """
     out_dir = config.out_dir
-    model = load_checkpoint(train_state_dir(out_dir) / "best", device).model
+    selected = "last" if config.adversarial else "best"
+    evaluated_epoch = trainer.epoch if config.adversarial else trainer.best_epoch
+    model = load_checkpoint(train_state_dir(out_dir) / selected, device).model
     logger.info(
         "calibrating the anomaly score and evaluating epoch %d on the test split",
-        trainer.best_epoch,
+        evaluated_epoch,
     )
     anomaly = calibrate_anomaly(model, data, config.anomaly_fpr, config.eval_batch_size)
     metrics = evaluate(
@@ -155,18 +185,35 @@ def finish(
         batch_size=config.eval_batch_size,
         generator=torch.Generator(device).manual_seed(config.seed),
     )
+    if isinstance(trainer.loss_fn, AdversarialObjective) and baseline is not None:
+        logger.info("comparing prior samples with the plain VAE in %s", baseline)
+        metrics["sample_quality"] = compare_sample_quality(
+            model,
+            load_checkpoint(baseline, device).model,
+            trainer.loss_fn.classifier,
+            data,
+            per_class=config.quality_samples_per_class,
+            seed=config.seed,
+            cache_dir=train_state_dir(out_dir),
+        )
+        metrics["sample_quality"]["baseline"] = str(baseline)
     training = {
         "preset": config.preset,
         "config": config.to_dict(),
         "epochs_run": trainer.epoch,
         "best_epoch": trainer.best_epoch,
         "best_val_elbo": trainer.best_score,
+        "evaluated_epoch": evaluated_epoch,
         "stopped_early": trainer.stopped_early,
         "train_seconds": round(trainer.train_seconds, 3),
         "device": str(device),
         "amp": trainer.use_amp,
     }
-    report = {"training": training, "metrics": metrics, "anomaly": anomaly}
+    # The latent index of the train split behind POST /similar (training/index.py).
+    index_bytes, index_card = build_checkpoint_index(
+        model, data.train, data.test, data.name, config.eval_batch_size
+    ).export()
+    report = {"training": training, "metrics": metrics, "anomaly": anomaly, "index": index_card}
     model.save_pretrained(
         out_dir,
         metadata={**report, "dataset": data.split_info},
@@ -175,6 +222,7 @@ def finish(
                 json.dumps({**report, "history": trainer.history}, indent=2) + "\n"
             ).encode(),
             SAMPLES_FILE: png_bytes(sample_grid(model, seed=config.seed)),
+            INDEX_FILE: index_bytes,
         },
     )
     return RunResult(
@@ -187,10 +235,52 @@ def finish(
     )
 
 
+def plain_baseline(config: TrainConfig) -> Path:
+    """The plain VAE an adversarial run's samples are compared with: --baseline, checked here,
+    or the run's plain twin (same preset, seed and epochs, no adversary) trained into
+    <out>/train_state/baseline. A twin finished there with the same settings is reused; an
+    unfinished one is continued on --resume."""
+    if config.baseline is not None:
+        plain = load_checkpoint(config.baseline).model
+        if not plain.config.conditional:
+            raise ConfigError(
+                f"--baseline {config.baseline} is an unconditional VAE: the comparison draws "
+                "samples of each digit, so give a conditional checkpoint"
+            )
+        if plain.config != config.model_config():
+            logger.warning(
+                "--baseline %s has another architecture (%s); the comparison is of models, "
+                "not of training alone",
+                config.baseline,
+                plain.config,
+            )
+        return Path(config.baseline)
+    twin = config.replace(
+        adversarial=False,
+        baseline=None,
+        out=str(train_state_dir(config.out_dir) / BASELINE_DIR),
+        tensorboard=None,
+        resume=False,
+    )
+    folder = twin.out_dir
+
+    def settings(saved: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in saved.items() if k not in ("progress", "resume", "out")}
+
+    if (folder / "config.json").is_file():
+        saved = read_metadata(folder).get("training", {}).get("config", {})
+        if settings(saved) == settings(twin.to_dict()):
+            logger.info("reusing the plain twin in %s", folder)
+            return folder
+    unfinished = (train_state_dir(folder) / "last" / STATE_FILE).is_file()
+    logger.info("training the plain twin of this run into %s", folder)
+    return train(twin.replace(resume=config.resume and unfinished)).checkpoint
+
+
 # What a checkpoint folder may hold: save_pretrained replaces the whole folder (keeping only
 # train_state/), so a run refuses an --out that holds anything else rather than delete it.
 CHECKPOINT_ENTRIES = frozenset(
-    {"config.json", "model.safetensors", METRICS_FILE, SAMPLES_FILE, TRAIN_STATE_DIR}
+    {"config.json", "model.safetensors", METRICS_FILE, SAMPLES_FILE, INDEX_FILE, TRAIN_STATE_DIR}
 )
 
 
