@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import machine, report, serving, train_speed
+from models import CheckpointError
 
 SECTIONS = ("serving", "batching", "workers", "startup", "training")
 BENCH_DIR = Path(__file__).resolve().parent
@@ -60,14 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_checkpoint(log: Any) -> Path:
-    """bench/.cache/default, trained with the default preset on first use."""
-    target = CACHE_DIR / "default"
-    if not (target / "config.json").is_file():
-        from training.cli import main as train
+    """bench/.cache/default, trained with the default preset on first use, and again when the
+    default preset's model has changed since."""
+    from models import VAEConfig
+    from models.checkpoint import read_metadata
+    from training.config import TrainConfig
 
-        log(f"no checkpoint given: training the default preset into {target} (once)")
-        if train(["--preset", "default", "--out", str(target), "--no-progress"]):
-            raise SystemExit(f"error: training the default checkpoint into {target} failed")
+    target = CACHE_DIR / "default"
+    wanted = TrainConfig.from_preset("default").model_config().to_dict()
+    if (target / "config.json").is_file():
+        try:
+            cached = VAEConfig.from_dict(read_metadata(target)["model"]).to_dict()
+        except (CheckpointError, TypeError, ValueError):
+            cached = None
+        if cached == wanted:
+            return target
+        log(f"{target} holds another model than the default preset's now: retraining it")
+    from training.cli import main as train
+
+    log(f"training the default preset into {target} (once)")
+    if train(["--preset", "default", "--out", str(target), "--no-progress"]):
+        raise SystemExit(f"error: training the default checkpoint into {target} failed")
     return target
 
 

@@ -54,4 +54,9 @@ def header(machine: dict[str, Any]) -> str:
         f"{machine['cores']} CPU cores ({machine['cpu']}), {gpu}, torch {machine['torch']}, "
         f"Python {machine['python']}, uvicorn {machine['uvicorn']}; "
         f"load average at start {machine['load_average_at_start']}"
+        + (
+            f", at end {machine['load_average_at_end']}"
+            if machine.get("load_average_at_end")
+            else ""
+        )
     )

@@ -164,6 +164,11 @@ def _batching_lines(batching: dict[str, Any] | None) -> list[str]:
                 for key, row in cost.items()
             ],
         )
+        lines += [
+            "",
+            "With more torch threads than idle cores, OpenMP's barriers wait for descheduled "
+            "threads: the multi-thread row then times the other work on the machine.",
+        ]
     return [*lines, ""]
 
 
@@ -337,7 +342,12 @@ def markdown(results: dict[str, Any]) -> str:
         cpu = training.get("cpu")
         if cpu:
             lines += _table(
-                ["loop (CPU, default preset)", "seconds per epoch", "data"],
+                [
+                    f"loop (CPU, default preset, {cpu['torch_threads']} torch thread(s) each, "
+                    "epochs alternating)",
+                    "seconds per epoch",
+                    "data",
+                ],
                 [
                     [
                         "project: device-resident `Batches` + `Trainer`",
