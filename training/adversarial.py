@@ -185,7 +185,10 @@ class AdversarialObjective:
         classifier_loss = F.cross_entropy(classifier_logits, y)
         self.discriminator_optimizer.zero_grad(set_to_none=True)
         self.classifier_optimizer.zero_grad(set_to_none=True)
-        (discriminator_loss + classifier_loss).backward()
+        # The Trainer calls this loss under bf16 autocast when --amp is on; a backward pass is
+        # meant to run outside of it.
+        with torch.autocast(x.device.type, enabled=False):
+            (discriminator_loss + classifier_loss).backward()
         self.discriminator_optimizer.step()
         self.classifier_optimizer.step()
         self.discriminator.requires_grad_(False)

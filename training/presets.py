@@ -38,7 +38,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The default conditional VAE trained adversarially (CVAE-GAN, Bao et al. 2017): a
     # discriminator and a classifier push its samples to be sharp and to look like their digit.
     # The run also trains the plain twin (this preset without --adversarial) and compares the
-    # samples of both in metrics.json.
+    # samples of both in metrics.json. Measured on mnist-5k (seed 0, 2 quiet CPU cores, 2.8 min
+    # for the whole command): 100 samples per digit are named right by an independent
+    # classifier 95.6% of the time (plain twin 77.3%); Frechet distance to the test digits 27.1
+    # (plain 38.1; 100 real training digits per digit: 14.9). The price: 3.5 nats of test ELBO
+    # (-116.9 vs -113.4); digit accuracy is unchanged (95.0% vs 94.4%).
     "cvae-gan": {
         "adversarial": True,  # the point of the preset (lambdas and warm-up: TrainConfig)
         # The run evaluates two models (the twin and the adversarial one), and the likelihood is
