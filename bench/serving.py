@@ -33,10 +33,11 @@ DEFAULT_ENV = {"VAE_ENABLE_BENCH_ROUTES": "true"}
 MODEL_COST_MIN_REPEATS, MODEL_COST_SECONDS = 3, 0.3
 # Runs bounded by a request count still stop after this long.
 COUNTED_RUN_LIMIT_S = 180.0
-# Batching settings compared with the defaults (256 images, no extra wait).
+# Batching settings compared with the defaults (64 images, no extra wait).
 BATCHING_CONFIGS: dict[str, dict[str, str]] = {
     "defaults": {},  # the shared server
-    "max_batch_32": {"VAE_MAX_BATCH_IMAGES": "32"},
+    "max_batch_16": {"VAE_MAX_BATCH_IMAGES": "16"},
+    "max_batch_256": {"VAE_MAX_BATCH_IMAGES": "256"},
     "wait_1ms": {"VAE_MAX_BATCH_WAIT_MS": "1"},
 }
 
@@ -70,7 +71,7 @@ FULL = Scale(
     soak_requests=20_000,
     train_epochs=3,
     train_images=None,
-    batching_configs=("defaults", "max_batch_32", "wait_1ms"),
+    batching_configs=("defaults", "max_batch_16", "max_batch_256", "wait_1ms"),
     worker_configs=((1, None), (1, 1), (2, 1), (2, 2)),
     model_batch_sizes=(1, 8, 16, 32, 64, 128, 256),
 )

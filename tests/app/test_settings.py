@@ -34,7 +34,7 @@ def test_defaults() -> None:
     assert settings.max_json_bytes == 4 * 1024 * 1024
     assert settings.max_image_pixels == 4096 * 4096
     assert settings.max_files == 64
-    assert settings.max_batch_images == 256
+    assert settings.max_batch_images == 64
     assert settings.max_batch_wait_ms == 0.0
     assert settings.max_queue_images == 4096
     assert settings.request_timeout_s == 30.0
