@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -21,23 +22,38 @@ router = APIRouter(tags=["analysis"])
 UPLOAD_ERRORS = error_responses(400, 404, 408, 413, 415, 422, 503, 504)
 
 
+@dataclass
+class DigitUpload:
+    """Uploaded images (N, 1, 28, 28) and the digit to read them as (None: the model infers)."""
+
+    x: torch.Tensor
+    digit: int | None
+
+
+async def digit_upload(
+    request: Request,
+    state: StateDep,
+    handle: ModelDep,
+    digit: DigitQuery = None,
+    invert: Invert = False,
+) -> DigitUpload:
+    """The digit is checked against the model before the body is read."""
+    handle.check_digit(digit)
+    return DigitUpload(await read_images(request, state.settings, invert=invert), digit)
+
+
+UploadDep = Annotated[DigitUpload, Depends(digit_upload)]
+
+
 @router.post(
     "/encode",
     response_model=EncodeJSON,
     responses=UPLOAD_ERRORS,
     openapi_extra=multipart_body(True),
 )
-async def encode(
-    request: Request,
-    state: StateDep,
-    handle: ModelDep,
-    digit: DigitQuery = None,
-    invert: Invert = False,
-) -> EncodeJSON:
+async def encode(handle: ModelDep, upload: UploadDep) -> EncodeJSON:
     """Posterior mean and log-variance of each uploaded image."""
-    handle.check_digit(digit)
-    x = await read_images(request, state.settings, invert=invert)
-    out = await handle.encode(x, digit)
+    out = await handle.encode(upload.x, upload.digit)
     items = [
         {
             "mu": out["mu"][i].tolist(),
@@ -45,7 +61,7 @@ async def encode(
             "digit": int(out["digit"][i]) if "digit" in out else None,
             "digit_probability": float(out["digit_probability"][i]) if "digit" in out else None,
         }
-        for i in range(len(x))
+        for i in range(len(upload.x))
     ]
     return EncodeJSON.model_validate(
         {"model": handle.name, "latent_dim": handle.entry.latent_dim, "items": items}
@@ -57,17 +73,10 @@ async def encode(
     responses={**image_content(ReconstructJSON), **UPLOAD_ERRORS},
     openapi_extra=multipart_body(True),
 )
-async def reconstruct(
-    request: Request,
-    state: StateDep,
-    handle: ModelDep,
-    digit: DigitQuery = None,
-    invert: Invert = False,
-) -> Response:
+async def reconstruct(request: Request, handle: ModelDep, upload: UploadDep) -> Response:
     """Each uploaded image beside its reconstruction (one row per input)."""
-    handle.check_digit(digit)
-    x = await read_images(request, state.settings, invert=invert)
-    images, error = await handle.reconstruct(x, digit)
+    x = upload.x
+    images, error = await handle.reconstruct(x, upload.digit)
     if negotiate(request.headers.get("accept"), (PNG, JSON)) == JSON:
         encoded = await run_in_threadpool(images_json, images)
         items = [{"image": img, "error": float(e)} for img, e in zip(encoded, error, strict=True)]
