@@ -18,6 +18,7 @@ from app.errors import BadRequest, InvalidInput
 from app.inference import FAULT_INPUT, NO_DIGIT, one_hot, requested_fault
 from app.registry import LoadedModel
 from models import VAE
+from training.index import LatentIndex
 
 MAX_DRAWN_SEED = 2**53 - 1  # drawn seeds stay exact in JavaScript numbers
 
@@ -183,6 +184,25 @@ class ModelHandle:
                 f"model {self.name!r} is unconditional: give endpoints as 'z' or 'image'"
             )
         return shared_z, endpoint.digit
+
+    def latent_index(self) -> LatentIndex:
+        """The model's index of its training images, or a 400 that says how to get one."""
+        if self.entry.index is None:
+            raise BadRequest(
+                f"model {self.name!r} has no latent index (index.safetensors): this checkpoint "
+                "was saved without one; retrain it with vae-train, which writes the index at "
+                "the end of training, or add one to it with `python -m training.index --write "
+                f"{self.entry.path}` and restart; GET /models shows which models have one"
+            )
+        return self.entry.index
+
+    async def similar(self, x: Tensor, k: int, digit: int | None) -> dict[str, Tensor]:
+        """Indices and distances (N, >= k) into the latent index, nearest first, and for
+        conditional models the digit searched within and its probability (N,)."""
+        self.latent_index()
+        self.check_digit(digit)
+        inputs = {"x": x, "k": torch.full((len(x),), k, dtype=torch.long)}
+        return await self._submit("similar", {**inputs, **self._digit_input(digit, len(x))})
 
     async def anomaly(self, x: Tensor) -> dict[str, Tensor]:
         if not bool(self.entry.model.anomaly_fitted) or self.entry.anomaly_threshold is None:

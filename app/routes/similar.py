@@ -11,43 +11,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from app.errors import BadRequest
 from app.imaging import encode_png, make_grid_png, to_base64
-from app.inference import NO_DIGIT
-from app.predict import ModelHandle
 from app.responses import JSON, PNG, negotiate
 from app.routes import error_responses, image_content
 from app.routes.generate import DigitQuery, Invert
 from app.schemas import SimilarJSON
 from app.state import ModelDep, StateDep
 from app.uploads import multipart_body, read_images
-from training.index import LatentIndex
 
 router = APIRouter(tags=["analysis"])
 MAX_K = 64
-
-
-def latent_index(handle: ModelHandle) -> LatentIndex:
-    """The model's index, or a 400 that says how to get one."""
-    if handle.entry.index is None:
-        raise BadRequest(
-            f"model {handle.name!r} has no latent index (index.safetensors): this checkpoint "
-            "was saved without one; retrain it with vae-train, which writes the index at the "
-            "end of training, or add one to it with `python -m training.index --write "
-            f"{handle.entry.path}` and restart; GET /models shows which models have one"
-        )
-    return handle.entry.index
-
-
-async def nearest(handle: ModelHandle, x: Tensor, k: int, digit: int | None) -> dict[str, Tensor]:
-    """Through the model's batcher: indices, distances (N, >= k) into its latent index, and
-    for conditional models the digit searched within and its probability (N,)."""
-    latent_index(handle)
-    handle.check_digit(digit)
-    inputs = {"x": x, "k": torch.full((len(x),), k, dtype=torch.long)}
-    if handle.num_classes is not None:
-        inputs["digit"] = torch.full((len(x),), NO_DIGIT if digit is None else digit)
-    return await handle.batcher.submit("similar", inputs)
 
 
 @router.post(
@@ -68,10 +41,10 @@ async def similar(
 ) -> Response:
     """The k training images nearest to each upload in latent space: JSON by default, or
     with Accept: image/png a grid, one row per upload (the upload, then its neighbours)."""
-    index = latent_index(handle)  # before reading the upload, which could not be answered
+    index = handle.latent_index()  # before reading the upload, which could not be answered
     handle.check_digit(digit)
     x = await read_images(request, state.settings, invert=invert)
-    found = await nearest(handle, x, k, digit)
+    found = await handle.similar(x, k, digit)
     indices, distances = found["indices"][:, :k], found["distances"][:, :k]
     labels = index.labels[indices.to(index.device)].cpu()
     # A digit with fewer than k training images pads its row with inf: not neighbours.
