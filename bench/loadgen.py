@@ -154,6 +154,16 @@ class LoadResult:
     def requests(self) -> int:
         return len(self.latencies)
 
+    def record(self, latency_s: float, status: int | None, images: int) -> None:
+        """One answered request (`status` None: the connection failed before an answer)."""
+        self.latencies.append(latency_s)
+        if status is None:
+            self.failures += 1
+            return
+        self.statuses[status] += 1
+        if status < 300:
+            self.images += images
+
     @property
     def errors(self) -> int:
         return self.failures + sum(n for status, n in self.statuses.items() if status >= 300)
@@ -198,6 +208,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+async def _send(connection: Connection, raw: bytes) -> int | None:
+    """The answer's status, or None when the connection failed before a whole answer."""
+    try:
+        return await connection.send(raw)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError):
+        return None
+
+
 async def closed_loop(
     port: int,
     requests: list[Request],
@@ -231,19 +249,11 @@ async def closed_loop(
             raw, images = encoded[turn % len(encoded)]
             turn += 1
             started = time.perf_counter()
-            try:
-                status = await connection.send(raw)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError):
-                if recording:
-                    result.failures += 1
-                    result.latencies.append(time.perf_counter() - started)
-                await asyncio.sleep(FAILURE_BACKOFF_S)  # a dead server must not spin the loop
-                continue
+            status = await _send(connection, raw)
             if recording:
-                result.latencies.append(time.perf_counter() - started)
-                result.statuses[status] += 1
-                if status < 300:
-                    result.images += images
+                result.record(time.perf_counter() - started, status, images)
+            if status is None:
+                await asyncio.sleep(FAILURE_BACKOFF_S)  # a dead server must not spin the loop
 
     try:
         if warmup_s > 0:
@@ -285,17 +295,10 @@ async def constant_rate(
     async def one(due: float, raw: bytes, images: int) -> None:
         connection = await idle.get()
         try:
-            status = await connection.send(raw)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError):
-            result.failures += 1
-            result.latencies.append(time.perf_counter() - due)
-            return
+            status = await _send(connection, raw)
         finally:
             idle.put_nowait(connection)
-        result.latencies.append(time.perf_counter() - due)
-        result.statuses[status] += 1
-        if status < 300:
-            result.images += images
+        result.record(time.perf_counter() - due, status, images)
 
     cpu_start, started = time.process_time(), time.perf_counter()
     tasks = []
