@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from resume_testing import Interrupt, InterruptAfter, assert_same_tensors
 
 from models import VAE, load_checkpoint
 from training.checkpoints import STATE_FILE
 from training.config import ConfigError, TrainConfig
 from training.data import load_dataset, to_float
 from training.run import check_output, train
-from training.trainer import Callback, EpochSummary, Trainer
 
 
 @pytest.mark.slow
@@ -86,19 +86,6 @@ def test_unconditional_checkpoint_has_no_digit_metrics(
     assert (trained_unconditional_checkpoint / "samples.png").is_file()
 
 
-class Interrupt(Exception):
-    """Stands in for Ctrl-C or a killed job."""
-
-
-class InterruptAfter(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, trainer: Trainer, summary: EpochSummary) -> None:
-        if summary.epoch == self.epoch:
-            raise Interrupt
-
-
 def small_run(out: Path, **changes: object) -> TrainConfig:
     return TrainConfig.from_preset(
         "tiny", epochs=3, iwae_k=1, out=str(out), progress=False, **changes
@@ -127,9 +114,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(
     for folder in ("train_state/last", "train_state/best", "."):
         expected = load_checkpoint(uninterrupted / folder).model.state_dict()
         found = load_checkpoint(resumed.checkpoint / folder).model.state_dict()
-        assert expected.keys() == found.keys()
-        for name, value in expected.items():
-            assert torch.equal(found[name], value), f"{folder}: {name}"
+        assert_same_tensors(expected, found, folder)
     expected_metadata = json.loads((uninterrupted / "config.json").read_text())
     assert resumed.metrics == expected_metadata["metrics"]
     assert resumed.epochs_run == 3

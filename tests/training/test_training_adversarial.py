@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from resume_testing import Interrupt, InterruptAfter, assert_same_tensors
 from safetensors.torch import load_file
 
 from app.main import create_app
@@ -38,7 +39,7 @@ from training.sample_quality import (
     per_class_accuracy,
     random_shift,
 )
-from training.trainer import Callback, EpochSummary, StepOutput, Trainer
+from training.trainer import Callback, StepOutput, Trainer
 
 # ---- the schedule and the losses ------------------------------------------------------------
 
@@ -262,19 +263,6 @@ class LossRecorder(Callback):
         self.steps.append({"loss": float(output.loss.detach()), **logs})
 
 
-class Interrupt(Exception):
-    """Stands in for Ctrl-C."""
-
-
-class InterruptAfter(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, trainer: Trainer, summary: EpochSummary) -> None:
-        if summary.epoch == self.epoch:
-            raise Interrupt
-
-
 def short_run(out: Path, **changes: object) -> TrainConfig:
     """Two epochs of the tiny model in batches of 128 (29 steps each); the adversarial terms
     start half-way through the first."""
@@ -397,10 +385,7 @@ def test_resume_after_an_interruption_gives_the_same_vae_d_and_c(
 
     resumed = out / "train_state" / "last"
     for name in ("model.safetensors", ADVERSARY_FILE):
-        expected, found = load_file(uninterrupted / name), load_file(resumed / name)
-        assert expected.keys() == found.keys()
-        for key, value in expected.items():
-            assert torch.equal(found[key], value), f"{name}: {key}"
+        assert_same_tensors(load_file(uninterrupted / name), load_file(resumed / name), name)
     expected_state = torch.load(uninterrupted / STATE_FILE, weights_only=True)
     found_state = torch.load(resumed / STATE_FILE, weights_only=True)
     assert found_state["epoch"] == expected_state["epoch"] == 2
