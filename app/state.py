@@ -30,12 +30,15 @@ class ServiceState:
         return ModelHandle(entry, self.batchers[entry.name])
 
 
-def get_state(request: Request) -> ServiceState:
+# Dependencies and cheap handlers are `async def`: FastAPI runs a plain `def` one in its
+# threadpool, and the two hops cost ~100 us per request in-process (more under load) and would
+# leave /healthz waiting behind a saturated pool.
+async def get_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     return state
 
 
-def get_model(
+async def get_model(
     state: Annotated[ServiceState, Depends(get_state)],
     model: Annotated[
         str | None,

@@ -16,7 +16,7 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/models", response_model=ModelsJSON, responses=error_responses(503))
-def list_models(state: StateDep) -> ModelsJSON:
+async def list_models(state: StateDep) -> ModelsJSON:
     """The loaded models: architecture, device, dataset, metrics, anomaly calibration."""
     if not state.ready or state.registry is None:
         raise NotReady("models are still loading; retry when GET /readyz answers 200")
@@ -27,13 +27,13 @@ def list_models(state: StateDep) -> ModelsJSON:
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """200 while the process is alive."""
     return {"status": "alive"}
 
 
 @router.get("/readyz", responses=error_responses(503))
-def readyz(state: StateDep) -> JSONResponse:
+async def readyz(state: StateDep) -> JSONResponse:
     """200 once every configured model is loaded and warmed up; 503 before."""
     if not state.ready or state.registry is None:
         raise NotReady("models are loading")

@@ -15,7 +15,7 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/")
-def page() -> FileResponse:
+async def page() -> FileResponse:
     """The single-page UI: sample, interpolate, draw and analyse, watch latency."""
     # Revalidated on each load, so a redeployed page is never stale.
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
