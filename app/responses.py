@@ -12,11 +12,11 @@ from starlette.concurrency import run_in_threadpool
 from app.imaging import encode_gif, encode_png, make_grid_png, to_base64
 
 PNG, GIF, JSON = "image/png", "image/gif", "application/json"
-# Encoding one 28x28 PNG takes ~40 us: cheaper on the event loop than the hop to a worker
-# thread and back (side by side on 2 CPU cores: /sample?n=1 at c=32 1,525 -> 2,061 req/s, p99
-# 31 -> 21 ms). Larger outputs (grids, several images, GIFs) are encoded in the threadpool so
-# they never stall other requests.
-INLINE_MAX_IMAGES = 1
+# Encoding one small PNG (28x28: ~40 us) is cheaper on the event loop than the hop to a worker
+# thread and back (/sample?n=1 at c=32 1.24x faster, p99 31 -> 22 ms:
+# bench/results/compare-inline-png.md). Larger outputs (grids, several images, big images,
+# GIFs) are encoded in the threadpool so they never stall other requests.
+INLINE_MAX_PIXELS = 64 * 64
 
 
 def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
@@ -59,7 +59,7 @@ async def image_response(
     JSON with `images` as base64 PNGs plus `meta`."""
     offers = (PNG, JSON, GIF) if gif else (PNG, JSON)
     kind = negotiate(request.headers.get("accept"), offers)
-    inline = len(images) <= INLINE_MAX_IMAGES
+    inline = len(images) == 1 and images[0].numel() <= INLINE_MAX_PIXELS
     if kind == JSON:
         encoded = images_json(images) if inline else await run_in_threadpool(images_json, images)
         return JSONResponse({**meta, "images": encoded}, headers=headers)
