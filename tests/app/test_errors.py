@@ -401,6 +401,19 @@ CASES = [
         )
         for p in ("/sample", "/encode", "/reconstruct", "/variations")
     ),
+    # The digit is checked before the body is read: a body that is not even a form gets the 400.
+    *(
+        Case(
+            f"digit on unconditional {p} before reading a non-form body",
+            p,
+            lambda d: {"content": b"not a form", "headers": {"content-type": "text/plain"}},
+            400,
+            "multi_client",
+            "unconditional",
+            {**UNCONDITIONAL, "digit": 3},
+        )
+        for p in ("/encode", "/reconstruct", "/variations", "/similar")
+    ),
     Case(
         "decode digit on unconditional",
         "/decode",

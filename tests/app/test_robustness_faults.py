@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from app_testing import metric, open_image
+from app_testing import files, metric, open_image, png_of
 from fastapi.testclient import TestClient
 
 from app.batching import MicroBatcher
@@ -72,16 +72,18 @@ def test_unknown_fault_header_is_400(hooked: TestClient) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["/sample", "/decode"])
+@pytest.mark.parametrize(
+    "path", ["/sample", "/decode", "/encode", "/reconstruct", "/anomaly-score", "/similar"]
+)
 def test_a_raising_forward_pass_is_a_500_for_that_request_only(
     hooked: TestClient, path: str
 ) -> None:
     latent_dim = hooked.get("/models").json()["models"][0]["latent_dim"]
-    kwargs: dict[str, Any] = (
-        {"params": {"n": 3}} if path == "/sample" else {"json": {"z": [[0.0] * latent_dim]}}
-    )
-    if path == "/decode":
-        kwargs["json"]["digit"] = 1
+    kwargs: dict[str, Any] = {"files": files(png_of(torch.rand(1, 28, 28)))}
+    if path == "/sample":
+        kwargs = {"params": {"n": 3}}
+    elif path == "/decode":
+        kwargs = {"json": {"z": [[0.0] * latent_dim], "digit": 1}}
     response = hooked.post(path, headers=fault("raise"), **kwargs)
     assert response.status_code == 500
     assert response.headers["content-type"] == "application/json"
