@@ -1,0 +1,144 @@
+"""`python -m bench.compare BASE [NEW]`: two versions of the service side by side.
+
+Each git revision is checked out into a temporary worktree and served by its own `python -m
+app` on the same checkpoint, with the same settings; NEW defaults to this working tree. The
+rounds of each case alternate between the two servers, so load from other jobs falls on both
+alike: the ratio is what to read. Writes bench/results/compare-<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import machine
+from bench.cli import BENCH_DIR, RESULTS_DIR, default_checkpoint
+from bench.server import Server
+from bench.serving import DEFAULT_ENV, FULL, build_cases, digit_pngs, interleaved
+
+REPO_DIR = BENCH_DIR.parent
+DEFAULT_CASES = ("sample_c1", "sample_c32", "floor_c32")
+
+
+@contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """`revision` in a detached temporary worktree, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="vae-bench-compare-") as parent:
+        folder = Path(parent) / "tree"
+        subprocess.run(
+            ["git", "-C", str(REPO_DIR), "worktree", "add", "--detach", "--quiet", str(folder),
+             revision],
+            check=True,
+        )  # fmt: skip
+        try:
+            yield folder
+        finally:
+            subprocess.run(
+                ["git", "-C", str(REPO_DIR), "worktree", "remove", "--force", str(folder)],
+                check=False,
+            )
+
+
+def describe(revision: str | None) -> str:
+    if revision is None:
+        return "working tree"
+    done = subprocess.run(
+        ["git", "-C", str(REPO_DIR), "log", "-1", "--format=%h %s", revision],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def markdown(result: dict[str, Any]) -> str:
+    base, new = result["base"], result["new"]
+    lines = [
+        f"Measured with `{result['command']}` on {result['date']}: "
+        f"{machine.header(result['machine'])}.",
+        "",
+        f"base: {base} · new: {new} · {result['rounds']} interleaved rounds of "
+        f"{result['duration_s']} s per case and server.",
+        "",
+        "| case | base req/s | new req/s | new / base | base p50 / p99 ms | new p50 / p99 ms "
+        "| base / new server CPU us/req |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in result["cases"].items():
+        b, n = row["base"], row["new"]
+        lines.append(
+            f"| {name} | {b['req_s']:,.1f} | {n['req_s']:,.1f} | {row['ratio']:.2f}x "
+            f"| {b['p50_ms']:.2f} / {b['p99_ms']:.2f} | {n['p50_ms']:.2f} / {n['p99_ms']:.2f} "
+            f"| {b['server_cpu_us_per_req'] or 0:,.0f} / {n['server_cpu_us_per_req'] or 0:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
+    parser.add_argument("base", help="git revision to compare against")
+    parser.add_argument("new", nargs="?", help="git revision (default: this working tree)")
+    parser.add_argument("--case", action="append", help="serving case (repeat); default: "
+                        + ", ".join(DEFAULT_CASES))  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=FULL.duration_s)
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--name", help="results file: compare-<name> (default: the revisions)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    cases = build_cases(digit_pngs(16))
+    names = args.case or list(DEFAULT_CASES)
+    unknown = [n for n in names if n not in cases]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(cases)}")
+    if args.rounds < 1 or args.duration <= 0:
+        parser.error("--rounds and --duration must be positive")
+    checkpoint = args.checkpoint or default_checkpoint(print)
+    scale = replace(FULL, rounds=args.rounds, duration_s=args.duration)
+    started = machine.describe()
+    with ExitStack() as stack:
+        base_dir = stack.enter_context(checkout(args.base))
+        new_dir = stack.enter_context(checkout(args.new)) if args.new else REPO_DIR
+        base = stack.enter_context(Server(checkpoint, DEFAULT_ENV, cwd=base_dir))
+        new = stack.enter_context(Server(checkpoint, DEFAULT_ENV, cwd=new_dir))
+        plan = []
+        for name in names:
+            plan += [(base, cases[name], f"base {name}"), (new, cases[name], f"new {name}")]
+        pooled = interleaved(plan, scale, print)
+    rows: dict[str, Any] = {}
+    for name in names:
+        b, n = pooled[f"base {name}"].summary(), pooled[f"new {name}"].summary()
+        ratio = n["req_s"] / b["req_s"] if b["req_s"] else float("nan")
+        rows[name] = {"base": b, "new": n, "ratio": ratio}
+    command = " ".join(["python -m bench.compare", *(argv if argv is not None else sys.argv[1:])])
+    result = {
+        "command": command,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {**started, "load_average_at_end": machine.load_average()},
+        "base": describe(args.base),
+        "new": describe(args.new),
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "cases": rows,
+    }
+    name = args.name or f"{args.base}-{args.new or 'worktree'}".replace("/", "_")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"compare-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    (args.out / f"compare-{name}.md").write_text(text)
+    print(text)
+    print(f"wrote {args.out / f'compare-{name}.json'} and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
