@@ -47,9 +47,10 @@ class Settings(BaseSettings):
         description="Largest accepted image, width x height, checked before decoding.",
     )
     max_files: int = Field(default=64, gt=0, description="Most images in one request.")
-    # 64: as fast as 256 for one-image requests (a batch of them is never larger than the
-    # concurrency), and batches of mixed sizes up to 256 images fragment the CPU allocator:
-    # over 16,000 mixed requests RSS grew 89-130 MB at 256 against 15 MB at 64 (2 CPU cores).
+    # 64: one-image requests are as fast as at 256 within the noise (a batch of them is never
+    # larger than the concurrency), and batches of mixed sizes up to 256 images fragment the
+    # CPU allocator: over 16,000 mixed requests after a warm-up (2 CPU cores) RSS grew
+    # 89-130 MB at 256 against 15 MB at 64.
     max_batch_images: int = Field(
         default=64, gt=0, description="Most images the batcher sends to a model at once."
     )

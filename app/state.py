@@ -31,8 +31,9 @@ class ServiceState:
 
 
 # Dependencies and cheap handlers are `async def`: FastAPI runs a plain `def` one in its
-# threadpool, and the two hops cost ~100 us per request in-process (more under load) and would
-# leave /healthz waiting behind a saturated pool.
+# threadpool, and those two hops cost ~100 us per request in-process (/sample c=32 1.21x
+# faster without them: bench/results/compare-async-dependencies.md) and would leave /healthz
+# waiting behind a saturated pool.
 async def get_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     return state

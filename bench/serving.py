@@ -447,8 +447,8 @@ def startup_and_soak(checkpoint: Path, scale: Scale, log: Callable[[str], None])
             f"({warm.summary()['req_s']:.0f} req/s)"
         )
         mix = Case("soak", "mixed endpoints", soak_mix(pngs), 16)
-        # The mix's first heavy batches raise the allocator's high-water mark once (~130 MB
-        # with 256-image anomaly batches); a warm-up of the same mix takes that step before
+        # The mix's first heavy batches raise the allocator's high-water mark once (~40 MB
+        # with the default 64-image batches); a warm-up of the same mix takes that step before
         # the soak's baseline, so that growth over the soak means memory kept per request.
         started = time.perf_counter()
         mix_warm = run_closed(
