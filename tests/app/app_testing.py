@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import math
+import struct
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +26,12 @@ JSON_ACCEPT = {"accept": "application/json"}
 def png_of(image: torch.Tensor) -> bytes:
     """A (1, 28, 28) float image in [0, 1] as the 8-bit PNG a client would upload."""
     return encode_png(image)
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk (length, type, payload, CRC), for hand-built and deliberately odd PNGs."""
+    crc = zlib.crc32(kind + payload)
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
 
 def files(*blobs: bytes, content_type: str = "image/png") -> list[tuple[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from app_testing import files, metric, metrics_text, png_of
+from app_testing import files, metric, metrics_text, png_chunk, png_of
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -62,11 +62,6 @@ def digit_png() -> bytes:
     return png_of(to_float(load_dataset("mnist-5k").test.images[0]))
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    body = kind + payload
-    return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
-
-
 @cache
 def huge_png(side: int = 20_000) -> bytes:
     """A valid, all-black side x side 1-bit PNG, small on disk (about 50 kB for 20000 x 20000,
@@ -75,9 +70,9 @@ def huge_png(side: int = 20_000) -> bytes:
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(rows, 9))
-        + _chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(rows, 9))
+        + png_chunk(b"IEND", b"")
     )
 
 

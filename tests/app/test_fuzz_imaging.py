@@ -20,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 import pytest
 import torch
-from app_testing import files
+from app_testing import files, png_chunk
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -83,15 +83,6 @@ SEEDS: dict[str, bytes] = {
     "bmp": save(digit_image(), "BMP"),
     "webp": save(digit_image(), "WEBP", lossless=True),
 }
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))
-        + kind
-        + payload
-        + struct.pack(">I", zlib.crc32(kind + payload))
-    )
 
 
 def png_with_size(data: bytes, width: int, height: int) -> bytes:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from app_testing import png_chunk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -53,15 +54,6 @@ def square_digit(size: int = 28) -> Image.Image:
     canvas = np.zeros((size, size), dtype=np.uint8)
     canvas[size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 255
     return Image.fromarray(canvas)
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))
-        + kind
-        + payload
-        + struct.pack(">I", zlib.crc32(kind + payload))
-    )
 
 
 def png_header_only(width: int, height: int, idat: bytes) -> bytes:

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from app_testing import png_chunk
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -283,13 +284,14 @@ def stream(first: bytes, total: int) -> Iterator[bytes]:
 def png_of_size(side: int) -> bytes:
     """A PNG whose header says side x side pixels, with a few kB of data."""
 
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(kind + payload).to_bytes(4, "big")
-        return len(payload).to_bytes(4, "big") + kind + payload + crc
-
     ihdr = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
     idat = zlib.compress(bytes(4096))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
 
 
 JSON = {"content-type": "application/json"}
