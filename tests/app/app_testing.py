@@ -1,15 +1,24 @@
-"""Helpers shared by the tests of the HTTP service: uploads, PNG checks, metric lookups."""
+"""Helpers shared by the tests of the HTTP service: uploads, PNG checks, metric lookups, and
+`python -m app` as a live subprocess."""
 
 from __future__ import annotations
 
 import base64
 import io
 import math
+import os
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx2
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
@@ -139,3 +148,79 @@ def model_card(client: TestClient, name: str | None = None) -> dict[str, Any]:
 def as_tensors(images: Sequence[np.ndarray]) -> torch.Tensor:
     """uint8 (28, 28) arrays -> a (N, 1, 28, 28) float tensor in [0, 1]."""
     return torch.stack([torch.from_numpy(unit(a)).float()[None] for a in images])
+
+
+# ---- `python -m app` in a subprocess -------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without VAE_* settings, which would change the server."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class LiveApp:
+    """A running `python -m app` on a loopback port; its output goes to `log` (a full pipe
+    would block it)."""
+
+    base: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_app(
+    log: Path, *args: str, ready_within_s: float, settings: Mapping[str, str] | None = None
+) -> LiveApp:
+    """`python -m app ARGS` on a free loopback port, with VAE_<KEY> from `settings` and no other
+    VAE_* variable, once /readyz answers 200; killed again if it is not ready in time."""
+    port = free_port()
+    env = clean_environment()
+    env.update({f"VAE_{key.upper()}": value for key, value in (settings or {}).items()})
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", *args, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    app = LiveApp(f"http://127.0.0.1:{port}", port, process, log)
+    deadline = time.monotonic() + ready_within_s
+    try:
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "not ready in time: " + log.read_text()
+            try:
+                if httpx2.get(f"{app.base}/readyz", timeout=2).status_code == 200:
+                    return app
+            except httpx2.TransportError:
+                pass
+            time.sleep(0.2)
+    except BaseException:
+        stop_app(app)
+        raise
+
+
+def stop_app(app: LiveApp, *, graceful: bool = False) -> None:
+    """SIGKILL, or with `graceful` SIGTERM first (SIGKILL after 30 s), if still running."""
+    if app.process.poll() is not None:
+        return
+    if graceful:
+        app.process.terminate()
+        try:
+            app.process.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    app.process.kill()
+    app.process.wait(timeout=30)

@@ -8,11 +8,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -24,22 +21,17 @@ from typing import Any
 
 import httpx2
 import pytest
-from app_testing import png_chunk
+from app_testing import LiveApp, png_chunk, start_app, stop_app
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 READY_WITHIN_S = 120.0  # model load and warm-up on a busy 2-core machine
 
 
-@dataclass
-class Server:
-    base: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
+class Server(LiveApp):
+    """The live app, with what these tests read from it."""
 
     def metric(self, name: str, labels: dict[str, str]) -> float:
         text = httpx2.get(f"{self.base}/metrics", timeout=10).text
@@ -59,41 +51,15 @@ class Server:
         raise AssertionError("no VmHWM in /proc/<pid>/status")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def start_server(checkpoint: Path, log: Path, **settings: str) -> Server:
     """`python -m app` on a free loopback port with VAE_* `settings`, once /readyz is 200."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-    env.update({f"VAE_{key.upper()}": value for key, value in settings.items()})
-    env.update(VAE_CHECKPOINTS=str(checkpoint), VAE_DEVICE="cpu", VAE_PORT=str(port))
-    env.update(VAE_HOST="127.0.0.1", VAE_LOG_LEVEL="warning")
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT
-        )
-    server = Server(f"http://127.0.0.1:{port}", port, process, log)
-    deadline = time.monotonic() + READY_WITHIN_S
-    while True:
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "not ready in time: " + log.read_text()
-        try:
-            if httpx2.get(f"{server.base}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx2.TransportError:
-            pass
-        time.sleep(0.2)
-
-
-def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.kill()
-        server.process.wait(timeout=30)
+    app = start_app(
+        log,
+        ready_within_s=READY_WITHIN_S,
+        settings={"checkpoints": str(checkpoint), "device": "cpu", "log_level": "warning",
+                  **settings},
+    )  # fmt: skip
+    return Server(app.base, app.port, app.process, app.log)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +79,7 @@ def server(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     try:
         yield started
     finally:
-        stop_server(started)
+        stop_app(started)
 
 
 def wait_until_in_flight(server: Server, requests: int) -> None:
@@ -435,7 +401,7 @@ def test_sigterm_mid_load_finishes_accepted_requests_and_exits_0(
         for thread in threads:
             thread.join(timeout=40)
     finally:
-        stop_server(server)
+        stop_app(server)
     assert code == 0, server.log.read_text()
     assert stopped_in < 15
     outcomes = log.outcomes

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,25 +13,12 @@ import httpx2
 import numpy as np
 import pytest
 import torch
-from app_testing import open_image, png_of
+from app_testing import REPO, clean_environment, open_image, png_of, start_app, stop_app
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 
 READY_WITHIN_S = 60.0
-REPO = Path(__file__).resolve().parents[2]
-
-
-def clean_environment() -> dict[str, str]:
-    """This process's environment without VAE_* settings, which would change the server."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def run_app(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,47 +37,17 @@ def run_app(*args: str) -> subprocess.CompletedProcess[str]:
 def server(
     trained_checkpoint: Path, tmp_path: Path
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`python -m app` on a free port, ready; its output goes to a file (a full pipe would
-    block it)."""
-    port = free_port()
-    log = (tmp_path / "server.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "--checkpoints",
-            str(trained_checkpoint),
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-        ],
-        cwd=REPO,
-        env=clean_environment(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    """`python -m app` on a free port, ready."""
+    app = start_app(
+        tmp_path / "server.log",
+        "--checkpoints",
+        str(trained_checkpoint),
+        ready_within_s=READY_WITHIN_S,
     )
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_WITHIN_S
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, (
-                "not ready in time: " + (tmp_path / "server.log").read_text()
-            )
-            try:
-                if httpx2.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            time.sleep(0.2)
-        yield base, process
+        yield app.base, app.process
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()
+        stop_app(app)
 
 
 def test_real_server_serves_and_stops_cleanly_on_sigterm(

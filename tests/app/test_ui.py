@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import base64
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
+from app_testing import start_app, stop_app
 from fastapi.testclient import TestClient
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
@@ -26,7 +21,6 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from app.routes.ui import STATIC_DIR
 
-REPO = Path(__file__).resolve().parents[2]
 # Debian's packages (`apt-get install chromium chromium-driver`; .ci/run installs them): the
 # driver matches the browser's version exactly and nothing is downloaded.
 CHROMIUM = Path("/usr/bin/chromium")
@@ -76,50 +70,18 @@ def test_the_page_is_not_part_of_the_api_schema(client: TestClient) -> None:
 # ---- in a real browser ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def live_server(trained_checkpoint: Path, tmp_path: Path) -> Iterator[str]:
     """`python -m app` serving the trained checkpoint on a free loopback port, ready."""
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "app", "--checkpoints", str(trained_checkpoint)),
-                *("--host", "127.0.0.1", "--port", str(port), "--device", "cpu"),
-            ],
-            cwd=REPO,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + READY_WITHIN_S
-            while True:
-                assert process.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "not ready in time: " + log_path.read_text()
-                try:
-                    if httpx2.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx2.TransportError:
-                    pass
-                time.sleep(0.2)
-            yield base
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
+    app = start_app(
+        tmp_path / "server.log",
+        *("--checkpoints", str(trained_checkpoint), "--device", "cpu"),
+        ready_within_s=READY_WITHIN_S,
+    )
+    try:
+        yield app.base
+    finally:
+        stop_app(app, graceful=True)
 
 
 @pytest.fixture
