@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import Tensor, nn
+
+from models.config import config_from_dict
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,7 @@ class CriticConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CriticConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown CriticConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 @dataclass
