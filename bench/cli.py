@@ -104,14 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     results: dict[str, Any] = {
-        "command": "python -m bench "
-        + shlex.join(list(argv if argv is not None else sys.argv[1:])),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine.describe(),
+        **run_record("python -m bench", argv),
         "scale": asdict(scale),
         "quick": args.quick,
     }
-    results["command"] = results["command"].strip()
     log(machine.header(results["machine"]))
     needs_server = any(s in sections for s in SECTIONS if s != "training")
     checkpoint = None
@@ -144,12 +140,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report.markdown(results)
     name = args.name or ("quick" if args.quick else "latest")
     out = args.out or (CACHE_DIR / RESULTS_DIR.name if args.quick else RESULTS_DIR)
+    written = write_results(out, name, results, text)
+    print(text)
+    log(f"wrote {written}.json and .md")
+    return 0
+
+
+def run_record(prog: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """What every results file starts with: the command that made it, when, and where."""
+    arguments = list(argv if argv is not None else sys.argv[1:])
+    return {
+        "command": shlex.join([*prog.split(), *arguments]),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine.describe(),
+    }
+
+
+def write_results(out: Path, name: str, results: dict[str, Any], text: str) -> Path:
+    """`out`/`name`.json (NaN and infinity as null) and `out`/`name`.md; returns `out`/`name`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(_finite(results), indent=2) + "\n")
     (out / f"{name}.md").write_text(text)
-    print(text)
-    log(f"wrote {out / name}.json and .md")
-    return 0
+    return out / name
 
 
 def _finite(value: Any) -> Any:

@@ -9,19 +9,17 @@ alike: the ratio is what to read. Writes bench/results/compare-<name>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench import machine
-from bench.cli import BENCH_DIR, RESULTS_DIR, default_checkpoint
+from bench.cli import BENCH_DIR, RESULTS_DIR, default_checkpoint, run_record, write_results
 from bench.server import Server
 from bench.serving import DEFAULT_ENV, FULL, build_cases, digit_pngs, interleaved
 
@@ -104,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--rounds and --duration must be positive")
     checkpoint = args.checkpoint or default_checkpoint(print)
     scale = replace(FULL, rounds=args.rounds, duration_s=args.duration)
-    started = machine.describe()
+    record = run_record("python -m bench.compare", argv)
     with ExitStack() as stack:
         base_dir = stack.enter_context(checkout(args.base))
         new_dir = stack.enter_context(checkout(args.new)) if args.new else REPO_DIR
@@ -119,11 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         b, n = pooled[f"base {name}"].summary(), pooled[f"new {name}"].summary()
         ratio = n["req_s"] / b["req_s"] if b["req_s"] else float("nan")
         rows[name] = {"base": b, "new": n, "ratio": ratio}
-    command = " ".join(["python -m bench.compare", *(argv if argv is not None else sys.argv[1:])])
+    record["machine"]["load_average_at_end"] = machine.load_average()
     result = {
-        "command": command,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {**started, "load_average_at_end": machine.load_average()},
+        **record,
         "base": describe(args.base),
         "new": describe(args.new),
         "rounds": args.rounds,
@@ -131,12 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cases": rows,
     }
     name = args.name or f"{args.base}-{args.new or 'worktree'}".replace("/", "_")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"compare-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (args.out / f"compare-{name}.md").write_text(text)
+    written = write_results(args.out, f"compare-{name}", result, text)
     print(text)
-    print(f"wrote {args.out / f'compare-{name}.json'} and .md")
+    print(f"wrote {written}.json and .md")
     return 0
 
 
