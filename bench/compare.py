@@ -67,6 +67,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"base: {base} · new: {new} · {result['rounds']} interleaved rounds of "
         f"{result['duration_s']} s per case and server.",
         "",
+    ]
+    checkpoints = result.get("checkpoints", {})
+    if checkpoints.get("base") != checkpoints.get("new"):
+        lines += [
+            f"Each serves its own checkpoint: base `{checkpoints['base']}`, new "
+            f"`{checkpoints['new']}`.",
+            "",
+        ]
+    lines += [
         "| case | base req/s | new req/s | new / base | base p50 / p99 ms | new p50 / p99 ms "
         "| base / new server CPU us/req |",
         "|---|---|---|---|---|---|---|",
@@ -89,7 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         + ", ".join(DEFAULT_CASES))  # fmt: skip
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=float, default=FULL.duration_s)
-    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--checkpoint", type=Path, help="served by both (default: bench's own)")
+    parser.add_argument(
+        "--base-checkpoint",
+        type=Path,
+        help="served by BASE instead: for a revision that cannot load NEW's checkpoints (a "
+        "model change), each side serves one trained by its own code",
+    )
     parser.add_argument("--name", help="results file: compare-<name> (default: the revisions)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -106,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ExitStack() as stack:
         base_dir = stack.enter_context(checkout(args.base))
         new_dir = stack.enter_context(checkout(args.new)) if args.new else REPO_DIR
-        base = stack.enter_context(Server(checkpoint, DEFAULT_ENV, cwd=base_dir))
+        base_checkpoint = args.base_checkpoint or checkpoint
+        base = stack.enter_context(Server(base_checkpoint, DEFAULT_ENV, cwd=base_dir))
         new = stack.enter_context(Server(checkpoint, DEFAULT_ENV, cwd=new_dir))
         plan = []
         for name in names:
@@ -124,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "new": describe(args.new),
         "rounds": args.rounds,
         "duration_s": args.duration,
+        "checkpoints": {"base": str(args.base_checkpoint or checkpoint), "new": str(checkpoint)},
         "cases": rows,
     }
     name = args.name or f"{args.base}-{args.new or 'worktree'}".replace("/", "_")

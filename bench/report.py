@@ -39,6 +39,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("/sample throughput / floor, c=32", share, ">= 0.7", _at_least(share, 0.7), "x")
         spread = _ratio(cases["sample_c32"]["p99_ms"], cases["sample_c32"]["p50_ms"])
         add("/sample p99 / p50, c=32", spread, "<= 3", _at_most(spread, 3.0), "x")
+    if "anomaly_1_c8" in cases and "upload_floor_1_c8" in cases:
+        share = _ratio(cases["anomaly_1_c8"]["req_s"], cases["upload_floor_1_c8"]["req_s"])
+        add("/anomaly-score (1 PNG) throughput / upload floor, c=8", share, "-", None, "x")
     for concurrency in (32, 64):
         key = f"sample_c{concurrency}"
         if key in cases and key in naive:
@@ -198,6 +201,8 @@ def _serving_rows(cases: dict[str, Any], floors: dict[str, Any] | None) -> list[
         floor_row = None
         if floors is not None and name.startswith("sample_c"):
             floor_row = floors.get(name.replace("sample", "floor"))
+        elif floors is not None and name == "anomaly_1_c8":
+            floor_row = floors.get("upload_floor_1_c8")
         share = _ratio(row["req_s"], floor_row["req_s"]) if floor_row else None
         concurrency = (
             f"rate {row['rate']:.0f}/s" if row["mode"] == "rate" else str(row["concurrency"])

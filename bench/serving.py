@@ -128,6 +128,12 @@ def build_cases(pngs: list[bytes]) -> dict[str, Case]:
             8,
         ),
         Case(
+            "upload_floor_1_c8",
+            "POST /bench/upload-floor, 1 PNG",
+            [Request("POST", "/bench/upload-floor", one_body, one_type)],
+            8,
+        ),
+        Case(
             "similar_1_c8",
             "POST /similar?k=8, 1 PNG",
             [Request("POST", "/similar?k=8", one_body, one_type)],
@@ -300,7 +306,7 @@ def serving(pool: Pool, scale: Scale, log: Callable[[str], None]) -> dict[str, A
             plan.append((batched, cases[f"sample_c{concurrency}"], f"sample_c{concurrency}"))
             if concurrency in NAIVE_CONCURRENCY:
                 plan.append((plain, cases[f"sample_c{concurrency}"], f"naive_c{concurrency}"))
-        for name in ("sample_n64_c8", "anomaly_1_c8", "anomaly_16_c8"):
+        for name in ("sample_n64_c8", "anomaly_1_c8", "upload_floor_1_c8", "anomaly_16_c8"):
             plan.append((batched, cases[name], name))
         similar_skipped = _probe(batched, cases["similar_1_c8"])
         if similar_skipped is None:
