@@ -19,6 +19,7 @@ from torch import Tensor
 from app.errors import InferenceFailed, PayloadTooLarge
 from app.registry import LoadedModel
 from models import VAE
+from models.vae import SAMPLE_ROUNDS
 
 logger = logging.getLogger("app.inference")
 Inputs = dict[str, Tensor]
@@ -88,6 +89,14 @@ def decode(model: VAE, inputs: Inputs) -> Inputs:
     return {"images": model.decode(inputs["z"], inputs.get("labels"))}
 
 
+def sample(model: VAE, inputs: Inputs) -> Inputs:
+    """Candidate latents (N, R, L) from the fitted prior and digits (N,) -> images
+    (N, 1, 28, 28) of the first candidate per row the digit head reads as its digit, and that
+    latent z (N, L) (VAE.decode_verified)."""
+    images, z = model.decode_verified(inputs["candidates"], inputs["digit"])
+    return {"images": images, "z": z}
+
+
 def encode(model: VAE, inputs: Inputs) -> Inputs:
     """x (N, 1, 28, 28) [+ digit (N,), NO_DIGIT = predict] -> mu, logvar (N, L), digit, prob."""
     x = inputs["x"]
@@ -115,9 +124,14 @@ def reconstruct(model: VAE, inputs: Inputs) -> Inputs:
 
 
 def anomaly(model: VAE, inputs: Inputs) -> Inputs:
-    """x (N, 1, 28, 28) -> score (N,), error_map (N, 1, 28, 28) [+ digit, digit_probability]."""
+    """x (N, 1, 28, 28) -> score (N,), error_map (N, 1, 28, 28), statistics (N, S) [+ digit,
+    digit_probability]."""
     result = model.anomaly_score(inputs["x"])
-    outputs = {"score": result.score, "error_map": result.error_map}
+    outputs = {
+        "score": result.score,
+        "error_map": result.error_map,
+        "statistics": result.statistics,
+    }
     if result.digit is not None and result.digit_probability is not None:
         outputs["digit"] = result.digit
         outputs["digit_probability"] = result.digit_probability
@@ -142,6 +156,7 @@ def similar(entry: LoadedModel, inputs: Inputs) -> Inputs:
 
 OPS: dict[str, Callable[[VAE, Inputs], Inputs]] = {
     "decode": decode,
+    "sample": sample,
     "encode": encode,
     "reconstruct": reconstruct,
     "anomaly": anomaly,
@@ -194,6 +209,9 @@ def warm_up(entry: LoadedModel) -> None:
     digit = {"digit": torch.tensor([NO_DIGIT, 0])} if entry.conditional else {}
     labels = {"labels": one_hot(torch.tensor([0, 1]), 10)} if entry.conditional else {}
     run_op(entry, "decode", {"z": z, **labels})
+    if entry.conditional and entry.prior is not None:
+        candidates = z[:, None].expand(2, SAMPLE_ROUNDS, entry.latent_dim).contiguous()
+        run_op(entry, "sample", {"candidates": candidates, "digit": torch.tensor([0, 1])})
     run_op(entry, "encode", {"x": x, **digit})
     run_op(entry, "reconstruct", {"x": x, **digit})
     if bool(entry.model.anomaly_fitted):

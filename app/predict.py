@@ -7,6 +7,7 @@ reproducible from its seed whatever else is in the batch.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,9 +19,12 @@ from app.errors import BadRequest, InvalidInput
 from app.inference import FAULT_INPUT, NO_DIGIT, one_hot, requested_fault
 from app.registry import LoadedModel
 from models import VAE
-from training.index import LatentIndex
+from models.index import LatentIndex
+from models.prior import GaussianMixturePrior
+from models.vae import SAMPLE_ROUNDS
 
 MAX_DRAWN_SEED = 2**53 - 1  # drawn seeds stay exact in JavaScript numbers
+PriorName = Literal["fitted", "standard"]
 
 
 def draw_seed() -> int:
@@ -34,6 +38,7 @@ class Generated:
     images: Tensor
     digits: list[int] | None
     latents: Tensor
+    prior: PriorName | None = None  # where the latents came from, when drawn from a prior
 
 
 @dataclass
@@ -93,20 +98,60 @@ class ModelHandle:
         inputs = {"z": z} if labels is None else {"z": z, "labels": labels}
         return (await self._submit("decode", inputs))["images"]
 
-    async def sample(self, n: int, digit: int | None, temperature: float, seed: int) -> Generated:
-        self.check_digit(digit)
-        generator = torch.Generator().manual_seed(seed)
-        z = temperature * torch.randn(n, self.entry.latent_dim, generator=generator)
-        digits = None
-        if self.num_classes is not None:
-            digits = (
-                torch.full((n,), digit, dtype=torch.long)
-                if digit is not None
-                else torch.randint(0, self.num_classes, (n,), generator=generator)
+    def prior(self, name: PriorName | None) -> tuple[PriorName, GaussianMixturePrior | None]:
+        """The prior a request samples from: the fitted one unless `standard` is asked for (or
+        the checkpoint has none); asking for `fitted` from a model without one is a 400."""
+        fitted = self.entry.prior
+        if name == "standard" or (name is None and fitted is None):
+            return "standard", None
+        if fitted is None:
+            raise BadRequest(
+                f"model {self.name!r} has no fitted prior (its checkpoint holds no "
+                "prior.safetensors): use prior=standard, or retrain it with vae-train, which "
+                "fits one at the end of training; GET /models shows each model's prior"
             )
-        labels = None if digits is None else one_hot(digits, self.num_classes or 0)
+        return "fitted", fitted
+
+    async def sample(
+        self,
+        n: int,
+        digit: int | None,
+        temperature: float,
+        seed: int,
+        prior: PriorName | None = None,
+    ) -> Generated:
+        """n draws from the fitted prior (per digit) or N(0, I), decoded."""
+        self.check_digit(digit)
+        name, fitted = self.prior(prior)
+        generator = torch.Generator().manual_seed(seed)
+        classes = self.num_classes
+        digits = None
+        if fitted is None:
+            # The draw order (z, then random digits) is the one seeds have always reproduced.
+            z = temperature * torch.randn(n, self.entry.latent_dim, generator=generator)
+            if classes is not None:
+                digits = self._digits(n, digit, generator)
+        else:
+            if classes is not None:
+                digits = self._digits(n, digit, generator)
+            groups = torch.zeros(n, dtype=torch.long) if digits is None else digits
+            checked = digits is not None and self.entry.model.digit_head is not None
+            # The same draws as VAE.sample with this prior and seed: digits, then candidates.
+            candidates = fitted.candidates(
+                groups, temperature, generator, SAMPLE_ROUNDS if checked else 1
+            )
+            if digits is not None:
+                out = await self._submit("sample", {"candidates": candidates, "digit": digits})
+                return Generated(out["images"], digits.tolist(), out["z"], name)
+            z = candidates[:, 0]
+        labels = None if digits is None else one_hot(digits, classes or 0)
         images = await self.decode(z, labels)
-        return Generated(images, None if digits is None else digits.tolist(), z)
+        return Generated(images, None if digits is None else digits.tolist(), z, name)
+
+    def _digits(self, n: int, digit: int | None, generator: torch.Generator) -> Tensor:
+        if digit is not None:
+            return torch.full((n,), digit, dtype=torch.long)
+        return torch.randint(0, self.num_classes or 0, (n,), generator=generator)
 
     async def encode(self, x: Tensor, digit: int | None) -> dict[str, Tensor]:
         """mu, logvar (N, L) and, for conditional models, the digit used and its probability."""
@@ -141,12 +186,21 @@ class ModelHandle:
         steps: int,
         method: Literal["slerp", "linear"],
         seed: int,
+        prior: PriorName | None = None,
     ) -> Generated:
-        """Frames from start to end; for conditional models the label blends from a to b too."""
+        """Frames from start to end; for conditional models the label blends from a to b too.
+        Digit-only ends share one noise vector (the same style), placed by the prior."""
+        name, fitted = self.prior(prior)
         generator = torch.Generator().manual_seed(seed)
-        shared_z = torch.randn(self.entry.latent_dim, generator=generator)
-        z0, d0 = await self._resolve(start, shared_z)
-        z1, d1 = await self._resolve(end, shared_z)
+        shared_noise = torch.randn(self.entry.latent_dim, generator=generator)
+
+        def from_prior(digit: int) -> Tensor:
+            if fitted is None:
+                return shared_noise
+            return fitted.sample(torch.tensor([digit]), 1.0, generator, shared_noise[None])[0]
+
+        z0, d0 = await self._resolve(start, from_prior)
+        z1, d1 = await self._resolve(end, from_prior)
         latents = VAE.interpolate(z0, z1, steps, method)
         labels = None
         digits: list[int] | None = None
@@ -157,9 +211,11 @@ class ModelHandle:
             labels = (1 - t) * pair[0] + t * pair[1]
             digits = labels.argmax(1).tolist()
         images = await self.decode(latents, labels)
-        return Generated(images, digits, latents)
+        return Generated(images, digits, latents, name)
 
-    async def _resolve(self, endpoint: Endpoint, shared_z: Tensor) -> tuple[Tensor, int | None]:
+    async def _resolve(
+        self, endpoint: Endpoint, from_prior: Callable[[int], Tensor]
+    ) -> tuple[Tensor, int | None]:
         self.check_digit(endpoint.digit)
         if endpoint.image is not None:
             encoded = await self.encode(endpoint.image[None], endpoint.digit)
@@ -183,7 +239,7 @@ class ModelHandle:
             raise BadRequest(
                 f"model {self.name!r} is unconditional: give endpoints as 'z' or 'image'"
             )
-        return shared_z, endpoint.digit
+        return from_prior(endpoint.digit), endpoint.digit
 
     def latent_index(self) -> LatentIndex:
         """The model's index of its training images, or a 400 that says how to get one."""

@@ -12,7 +12,8 @@ import torch
 from app.errors import ModelNotFound
 from app.settings import Settings, SettingsError
 from models import VAE, load_checkpoint
-from training.index import LatentIndex, load_index
+from models.index import LatentIndex, load_index
+from models.prior import PRIOR_FILE, GaussianMixturePrior, checkpoint_prior
 
 logger = logging.getLogger("app.registry")
 
@@ -46,6 +47,7 @@ class LoadedModel:
     device: torch.device
     anomaly_quantiles: torch.Tensor = field(init=False)
     index: LatentIndex | None = None  # the training split's latents, for /similar
+    prior: GaussianMixturePrior | None = None  # the fitted latent prior; None = N(0, I) only
 
     def __post_init__(self) -> None:
         quantiles = self.metadata.get("anomaly", {}).get("quantiles") or []
@@ -98,8 +100,31 @@ class LoadedModel:
             "metrics": meta.get("metrics", {}),
             "anomaly": {k: v for k, v in anomaly.items() if k != "quantiles"},
             "index": None if self.index is None else self.index.summary(),
+            "prior": self.describe_prior(),
             "created_at": meta.get("created_at"),
             "weights_sha256": meta.get("weights_sha256"),
+        }
+
+    @property
+    def default_prior(self) -> str:
+        """What /sample draws from when the request does not say: the fitted prior if any."""
+        return "standard" if self.prior is None else "fitted"
+
+    def describe_prior(self) -> dict[str, Any]:
+        fitted = None if self.prior is None else self.prior.summary()
+        note = (
+            "samples come from the fitted prior unless prior=standard is asked for"
+            if self.prior is not None
+            else "this checkpoint has no fitted prior (prior.safetensors): samples come from "
+            "N(0, I); retrain it to get one"
+        )
+        return {
+            "default": self.default_prior,
+            "fitted": fitted,
+            # Images are shown as sigmoid(logits / T): T < 1 draws crisper strokes (fitted at
+            # training time to the real digits' pixel histogram; 1 in older checkpoints).
+            "decoder_temperature": self.model.config.decoder_temperature,
+            "note": note,
         }
 
 
@@ -137,8 +162,18 @@ class Registry:
             checkpoint = load_checkpoint(folder, device)
             # Optional: a checkpoint without index.safetensors serves everything but /similar.
             index = load_index(folder, device, checkpoint.metadata.get("index", {}).get("sha256"))
+            # Optional too: without prior.safetensors the model samples from N(0, I).
+            prior = checkpoint_prior(checkpoint)
             models.append(
-                LoadedModel(name, checkpoint.model, checkpoint.metadata, folder, device, index)
+                LoadedModel(
+                    name, checkpoint.model, checkpoint.metadata, folder, device, index, prior
+                )
             )
             logger.info("loaded model %r from %s on %s", name, folder, device)
+            if prior is None:
+                logger.warning(
+                    "model %r has no fitted prior (%s): it samples from N(0, I), prior=standard",
+                    name,
+                    PRIOR_FILE,
+                )
         return cls(models)

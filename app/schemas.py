@@ -80,6 +80,11 @@ class InterpolateRequest(Strict):
         default="slerp", description="slerp keeps frames at the prior's typical norm."
     )
     seed: Seed | None = Field(default=None, description="Seeds the shared prior z of digit ends.")
+    prior: Literal["fitted", "standard"] | None = Field(
+        default=None,
+        description="Where digit ends draw z from: `fitted` (the checkpoint's fitted prior, the "
+        "default when it has one) or `standard`, N(0, I).",
+    )
 
 
 class ImagesJSON(BaseModel):
@@ -90,6 +95,10 @@ class ImagesJSON(BaseModel):
 class GeneratedJSON(ImagesJSON):
     seed: int
     digits: list[int] | None = Field(description="Digit of each image; null if unconditional.")
+    prior: Literal["fitted", "standard"] | None = Field(
+        default=None,
+        description="/sample, /interpolate: the prior z was drawn from (also the X-Prior header).",
+    )
 
 
 class InterpolationJSON(GeneratedJSON):
@@ -132,6 +141,12 @@ class AnomalyItem(BaseModel):
     digit_probability: float | None
     heatmap: str | None = Field(
         default=None, description="Base64 PNG of the squared pixel error (heatmap=true)."
+    )
+    components: dict[str, float] | None = Field(
+        default=None,
+        description="The statistics the score compares with real digits of the predicted digit "
+        "(the model card's anomaly.statistics), for explaining a score; the score is their "
+        "Mahalanobis distance from the real digits' values.",
     )
 
 

@@ -12,6 +12,16 @@ Likelihood = Literal["bernoulli", "gaussian"]
 
 ARCHITECTURES: tuple[str, ...] = ("mlp", "conv")
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
+# What the anomaly score can compare (models/vae.py computes each, at the predicted digit).
+ANOMALY_STATISTIC_NAMES: tuple[str, ...] = (
+    "log_squared_error",  # log of the summed squared pixel error of the reconstruction
+    "log_local_error",  # the same after a 3 x 3 box blur of the error: clustered misses count
+    "log_kl",  # log KL(q(z | x) || N(0, I))
+    "mean_logvar",  # mean posterior log-variance
+    "negative_elbo",  # -ELBO at the posterior mean, in nats
+    "reconstruction_ink",  # mean pixel of the reconstruction: how much digit the model sees
+    "ink",  # mean pixel of the input
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,18 @@ class VAEConfig:
     likelihood: Likelihood = "bernoulli"
     # Gaussian likelihood only: fixed pixel std, or None to learn one std shared by all pixels.
     gaussian_std: float | None = None
+    # Conditional only: a small classifier q(y | x) trained beside the VAE names the digit of an
+    # input in one pass (predict_digit), instead of decoding it under every label. Off in
+    # checkpoints saved before it existed, which predict by the ELBO under each label.
+    digit_head: bool = False
+    # The statistics of an input the anomaly score compares with those of real digits
+    # (models.vae.ANOMALY_STATISTIC_NAMES); the default is the set of checkpoints saved
+    # before this field existed.
+    anomaly_statistics: tuple[str, ...] = ("log_squared_error", "log_kl", "mean_logvar")
+    # Images are shown (decode) as sigmoid(logits / decoder_temperature). A Bernoulli decoder's
+    # mean image is a blur of the strokes it thinks likely; below 1 the strokes come out as crisp
+    # as real digits. Fitted after training (training/sharpness.py); 1 = the mean image.
+    decoder_temperature: float = 1.0
     # MNIST geometry; kept in the config so a checkpoint states what it expects.
     image_size: int = 28
     image_channels: int = 1
@@ -42,12 +64,25 @@ class VAEConfig:
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
+        object.__setattr__(self, "anomaly_statistics", tuple(self.anomaly_statistics))
+        if self.digit_head and self.num_classes is None:
+            raise ValueError("digit_head needs a conditional VAE (num_classes set)")
+        unknown = sorted(set(self.anomaly_statistics) - set(ANOMALY_STATISTIC_NAMES))
+        if unknown or not self.anomaly_statistics:
+            raise ValueError(
+                f"anomaly_statistics must be a non-empty subset of {ANOMALY_STATISTIC_NAMES}, "
+                f"got {list(self.anomaly_statistics)}"
+            )
         if not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):
             raise ValueError(f"hidden_dims must be positive widths, got {self.hidden_dims}")
         if self.architecture == "conv" and len(self.hidden_dims) != 2:
             raise ValueError(
                 "a conv VAE has two stride-2 convolutions: give exactly two channel counts "
                 f"in hidden_dims, got {self.hidden_dims}"
+            )
+        if not 0 < self.decoder_temperature <= 10:
+            raise ValueError(
+                f"decoder_temperature must be in (0, 10], got {self.decoder_temperature}"
             )
         if self.latent_dim <= 0:
             raise ValueError(f"latent_dim must be positive, got {self.latent_dim}")
@@ -69,6 +104,7 @@ class VAEConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["hidden_dims"] = list(self.hidden_dims)
+        data["anomaly_statistics"] = list(self.anomaly_statistics)
         return data
 
     @classmethod

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,13 +14,20 @@ from torch import Tensor, nn
 
 from models.config import VAEConfig
 from models.distributions import DiagonalGaussian, standard_normal_log_prob
-from models.networks import build_decoder, build_encoder
+from models.networks import DigitHead, build_decoder, build_encoder
+
+if TYPE_CHECKING:
+    from models.prior import GaussianMixturePrior
 
 LOG_2PI = math.log(2 * math.pi)
-# Statistics of the anomaly score: log reconstruction error, log KL, mean posterior log-variance.
+# The statistics of the anomaly score of checkpoints saved before VAEConfig.anomaly_statistics
+# (models.config.ANOMALY_STATISTIC_NAMES lists every one a config may name).
 ANOMALY_STATISTICS = ("log_squared_error", "log_kl", "mean_logvar")
 ANOMALY_SCORE_KIND = "typicality-mahalanobis"
 _STAT_EPS = 1e-3  # keeps log() finite for a perfect reconstruction or a zero KL
+# Candidate latents per image when sampling the fitted prior with a digit check: a draw the
+# digit head reads as another digit (~2% on mnist-5k) is replaced by the next candidate.
+SAMPLE_ROUNDS = 4
 
 
 class AnomalyNotCalibratedError(RuntimeError):
@@ -62,7 +70,7 @@ class AnomalyResult:
     score: Tensor  # (B,)
     reconstruction: Tensor  # (B, 1, 28, 28): decoded posterior mean (at the predicted digit)
     error_map: Tensor  # (B, 1, 28, 28): squared pixel error, for heatmaps
-    statistics: Tensor  # (B, 3): see ANOMALY_STATISTICS
+    statistics: Tensor  # (B, S): the model's config.anomaly_statistics, in that order
     digit: Tensor | None  # (B,) predicted digit (conditional models)
     digit_probability: Tensor | None  # (B,) its probability p(y | x)
 
@@ -79,13 +87,14 @@ class VAE(nn.Module):
         self.config = config
         self.encoder = build_encoder(config)
         self.decoder = build_decoder(config)
+        self.digit_head = DigitHead(config) if config.digit_head else None
         if config.likelihood == "gaussian":
             log_std = math.log(config.gaussian_std) if config.gaussian_std else math.log(0.1)
             self.log_std = nn.Parameter(
                 torch.tensor(log_std), requires_grad=config.gaussian_std is None
             )
         groups = config.num_classes or 1
-        stats = len(ANOMALY_STATISTICS)
+        stats = len(config.anomaly_statistics)
         # Reference statistics of normal data, fitted after training (fit_anomaly_reference).
         self.register_buffer("anomaly_center", torch.zeros(groups, stats))
         self.register_buffer("anomaly_precision", torch.eye(stats))
@@ -131,8 +140,34 @@ class VAE(nn.Module):
         return out
 
     def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """z (B, L) -> pixel probabilities or means in [0, 1], (B, 1, 28, 28)."""
+        """z (B, L) -> the images the model shows, in [0, 1], (B, 1, 28, 28): its pixel
+        probabilities (bernoulli) or means (gaussian) at config.decoder_temperature."""
+        return torch.sigmoid(self.decode_raw(z, y) / self.config.decoder_temperature)
+
+    def decode_mean(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """z (B, L) -> the likelihood's mean p(x | z) itself (decoder temperature 1)."""
         return torch.sigmoid(self.decode_raw(z, y))
+
+    @torch.no_grad()
+    def decode_verified(self, candidates: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Decode the first of R candidate latents per row, candidates (B, R, L), that the
+        model's own digit head reads as the row's digit y (B,); a row none of whose candidates
+        passes keeps its last. Returns images (B, 1, 28, 28) and the latents used (B, L).
+        Without a digit head the first candidate is decoded."""
+        z = candidates[:, 0].clone()
+        images = self.decode(z, y)
+        if self.digit_head is None:
+            return images, z
+        pending = self.digit_logits(images).argmax(1) != y
+        for round_ in range(1, candidates.shape[1]):
+            rows = pending.nonzero()[:, 0]
+            if len(rows) == 0:
+                break
+            z[rows] = candidates[rows, round_]
+            images[rows] = redrawn = self.decode(z[rows], y[rows])
+            accepted = self.digit_logits(redrawn).argmax(1) == y[rows]
+            pending[rows[accepted]] = False
+        return images, z
 
     def reconstruction_nll(self, x: Tensor, raw: Tensor) -> Tensor:
         """-log p(x | z) per image in nats; x (..., 1, 28, 28), raw from decode_raw -> (...)."""
@@ -169,13 +204,33 @@ class VAE(nn.Module):
         y: Tensor | None = None,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        prior: GaussianMixturePrior | None = None,
+        rounds: int = SAMPLE_ROUNDS,
     ) -> Samples:
-        """n draws from the prior (std scaled by temperature); a conditional model with y=None
-        draws its labels uniformly from the same generator."""
+        """n draws from the prior (std scaled by temperature), decoded. A conditional model with
+        y=None draws its labels uniformly from the same generator.
+
+        prior=None: z ~ N(0, I). With a fitted `prior`, z comes from its mixture of digit y, the
+        noise drawn on the CPU (the generator must be a CPU one) so a seed gives the same z on
+        every device; and a conditional model with a digit head draws `rounds` candidates per
+        image and keeps the first its head reads as digit y (decode_verified)."""
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if prior is not None:
+            if y is None and self.config.num_classes is not None:
+                y = torch.randint(0, self.config.num_classes, (n,), generator=generator)
+            groups = torch.zeros(n, dtype=torch.long) if y is None else y.cpu()
+            checked = y is not None and self.digit_head is not None
+            candidates = prior.candidates(groups, temperature, generator, rounds if checked else 1)
+            candidates = candidates.to(self.device, self._dtype)
+            if y is None:
+                z = candidates[:, 0]
+                return Samples(images=self.decode(z), labels=None, latents=z)
+            y = y.to(self.device)
+            images, z = self.decode_verified(candidates, y)
+            return Samples(images=images, labels=y, latents=z)
         z = temperature * torch.randn(
             n, self.config.latent_dim, generator=generator, device=self.device, dtype=self._dtype
         )
@@ -274,34 +329,62 @@ class VAE(nn.Module):
         raw = self.decode_raw(posterior.mode(), y)
         return posterior, raw, -self.reconstruction_nll(x, raw) - posterior.kl()
 
+    def digit_logits(self, x: Tensor) -> Tensor:
+        """log q(y | x) up to a constant, (B, C), from the digit head (models with one)."""
+        if self.digit_head is None:
+            raise ValueError("this VAE has no digit head (config.digit_head is off)")
+        logits: Tensor = self.digit_head(x)
+        return logits
+
     @torch.no_grad()
     def predict_digit(self, x: Tensor) -> DigitPrediction:
-        """p(y | x) proportional to p(y) exp(ELBO(x, y)) at the posterior mean: deterministic."""
+        """The digit of each image with its probability: q(y | x) of the digit head in one pass
+        when the model has one, else predict_digit_elbo."""
         if not self.config.conditional:
             raise ValueError("predict_digit needs a conditional VAE (num_classes set)")
-        per_label = self._per_label(x, lambda xx, yy: self._mode_terms(xx, yy)[2])  # (C, B)
-        probabilities = torch.softmax(per_label.T, dim=1)  # (B, C)
+        if self.digit_head is None:
+            return self.predict_digit_elbo(x)
+        probabilities = torch.softmax(self.digit_logits(x).float(), dim=1)
+        return DigitPrediction(digit=probabilities.argmax(1), probabilities=probabilities)
+
+    @torch.no_grad()
+    def predict_digit_elbo(self, x: Tensor) -> DigitPrediction:
+        """p(y | x) proportional to p(y) exp(ELBO(x, y)) at the posterior mean: deterministic.
+        Every label is scored in one batched pass over C copies of x."""
+        if not self.config.conditional:
+            raise ValueError("predict_digit needs a conditional VAE (num_classes set)")
+        c, b = self.config.num_classes or 0, x.shape[0]
+        labels = torch.arange(c, device=x.device).repeat_interleave(b)  # (C * B,): label-major
+        per_label = self._mode_terms(x.repeat(c, 1, 1, 1), labels)[2].view(c, b)
+        probabilities = torch.softmax(per_label.T.float(), dim=1)  # (B, C)
         return DigitPrediction(digit=probabilities.argmax(1), probabilities=probabilities)
 
     # ---- anomaly score ---------------------------------------------------------------------
 
     @torch.no_grad()
     def anomaly_statistics(self, x: Tensor) -> AnomalyResult:
-        """The statistics behind the anomaly score, at the predicted digit for conditional models;
-        `score` is left at zero (see anomaly_score)."""
+        """The statistics behind the anomaly score (config.anomaly_statistics), at the predicted
+        digit for conditional models; `score` is left at zero (see anomaly_score)."""
         prediction = self.predict_digit(x) if self.config.conditional else None
         y = None if prediction is None else prediction.digit
-        posterior, raw, _ = self._mode_terms(x, y)
+        posterior, raw, elbo = self._mode_terms(x, y)
         reconstruction = torch.sigmoid(raw)
-        error_map = (x - reconstruction) ** 2
+        error = x - reconstruction
+        error_map = error**2
+        computed: dict[str, Callable[[], Tensor]] = {
+            "log_squared_error": lambda: torch.log(error_map.flatten(1).sum(1) + _STAT_EPS),
+            "log_local_error": lambda: torch.log(
+                F.avg_pool2d(error, 3, stride=1, padding=1).pow(2).flatten(1).sum(1) + _STAT_EPS
+            ),
+            "log_kl": lambda: torch.log(posterior.kl() + _STAT_EPS),
+            "mean_logvar": lambda: posterior.logvar.mean(1),
+            "negative_elbo": lambda: -elbo,
+            "reconstruction_ink": lambda: reconstruction.flatten(1).mean(1),
+            "ink": lambda: x.flatten(1).mean(1),
+        }
         statistics = torch.stack(
-            [
-                torch.log(error_map.flatten(1).sum(1) + _STAT_EPS),
-                torch.log(posterior.kl() + _STAT_EPS),
-                posterior.logvar.mean(1),
-            ],
-            dim=1,
-        )
+            [computed[name]() for name in self.config.anomaly_statistics], dim=1
+        ).float()
         return AnomalyResult(
             score=torch.zeros(x.shape[0], device=x.device),
             reconstruction=reconstruction,
@@ -334,7 +417,7 @@ class VAE(nn.Module):
         covariance = residual.T @ residual / max(len(stats) - center.shape[0], 1)
         # Ridge so one degenerate statistic (e.g. a constant) cannot make the matrix singular.
         covariance += 1e-4 * torch.eye(
-            len(ANOMALY_STATISTICS), dtype=covariance.dtype, device=covariance.device
+            len(self.config.anomaly_statistics), dtype=covariance.dtype, device=covariance.device
         )
         self.anomaly_center.copy_(center.float())
         self.anomaly_precision.copy_(torch.linalg.inv(covariance).float())

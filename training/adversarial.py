@@ -40,7 +40,7 @@ from models import VAE
 from models.adversarial import Classifier, CriticConfig, Discriminator
 from training.config import ConfigError, TrainConfig
 from training.data import NUM_CLASSES
-from training.objective import VAEObjective, kl_weight, negative_elbo
+from training.objective import VAEObjective, digit_head_loss, kl_weight, negative_elbo
 from training.trainer import StepOutput
 
 ADVERSARY_FILE = "adversary.safetensors"
@@ -143,10 +143,15 @@ class AdversarialObjective:
             **critic_logs,
             "adv_weight": weight,
         }
+        loss = terms.loss
+        head = digit_head_loss(model, x, y)
+        if head is not None:
+            loss = loss + head
+            logs["head_ce"] = head.detach()
         if weight == 0.0:
-            return StepOutput(loss=terms.loss, logs=logs)
+            return StepOutput(loss=loss, logs=logs)
         adversarial, classification = self.generator_terms(real_features, generated, y)
-        loss = terms.loss + weight * (
+        loss = loss + weight * (
             self.settings.lambda_adv * adversarial + self.settings.lambda_cls * classification
         )
         logs |= {"g_adv": adversarial.detach(), "g_cls": classification.detach()}

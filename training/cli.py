@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from models import CheckpointError
-from models.config import ARCHITECTURES, LIKELIHOODS
+from models.config import ANOMALY_STATISTIC_NAMES, ARCHITECTURES, LIKELIHOODS
 from training.checkpoints import TRAIN_STATE_DIR
 from training.cliutil import OneLineErrorParser, report_error
 from training.config import LR_SCHEDULES, ConfigError, TrainConfig
@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--latent-dim", type=int)
     model.add_argument("--likelihood", choices=LIKELIHOODS)
     model.add_argument("--gaussian-std", type=float, help="fixed pixel std (default: learned)")
+    model.add_argument(
+        "--digit-head",
+        action=argparse.BooleanOptionalAction,
+        help="train a classifier q(y|x) beside a conditional VAE (fast digit prediction)",
+    )
+    model.add_argument(
+        "--anomaly-statistics",
+        type=lambda text: tuple(part.strip() for part in text.split(",")),
+        metavar="S1,S2",
+        help=f"what the anomaly score compares; any of {', '.join(ANOMALY_STATISTIC_NAMES)}",
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help="mnist-5k (embedded) or mnist (60k, see --download)")
     data.add_argument("--data-dir", help="where real MNIST lives (default: data)")
@@ -118,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--iwae-k", type=int, help="IWAE samples for the test likelihood")
     evaluation.add_argument("--eval-batch-size", type=int)
+    evaluation.add_argument(
+        "--sample-quality",
+        action=argparse.BooleanOptionalAction,
+        help="judge samples with an independent classifier and CAS at the end (~1 min on CPU)",
+    )
+    evaluation.add_argument("--judge-epochs", type=int, help="epochs of the judge's recipe")
     evaluation.add_argument("--anomaly-fpr", type=float, help="validation share flagged")
     return parser
 
@@ -146,14 +163,32 @@ def summary(result: RunResult) -> str:
         f"  anomaly threshold {anomaly['threshold']:.3f} (flags {anomaly['fpr']:.1%} of "
         f"validation digits, {anomaly['test_fpr']:.1%} of test digits)"
     )
+    held_out = anomaly.get("held_out")
+    if held_out is not None:
+        summary = held_out["summary"]
+        lines.append(
+            f"  held-out anomaly sets: near AUROC min {summary['near_auroc_min']:.3f}, mean "
+            f"{summary['near_auroc_mean']:.3f}; far AUROC min {summary['far_auroc_min']:.3f}"
+        )
     quality = metrics.get("sample_quality")
     if quality is not None:
+        served = quality["served"]
         lines.append(
-            f"  prior samples ({quality['samples_per_class']} per digit), judged by the "
+            f"  samples ({served['prior']} prior, {served['samples_per_class']} per digit) "
+            f"judged by an independent classifier: on-digit {served['accuracy']:.1%}, FD "
+            f"{served['frechet_distance']:.1f} ({served['fd_ratio']:.2f}x the real-digit floor "
+            f"{served['frechet_distance_floor']:.1f}), diversity {served['diversity_ratio']:.2f}x"
+            f" real, CAS {quality['cas']['accuracy']:.1%} (real digits "
+            f"{quality['cas']['real_training_digits_accuracy']:.1%})"
+        )
+    comparison = metrics.get("adversarial_comparison")
+    if comparison is not None:
+        lines.append(
+            f"  prior samples ({comparison['samples_per_class']} per digit), judged by the "
             "reference classifier:"
         )
         for name in ("adversarial", "plain"):
-            judged = quality[name]["reference_classifier"]
+            judged = comparison[name]["reference_classifier"]
             lines.append(
                 f"    {name:<11} digit accuracy {judged['accuracy']:.1%}, "
                 f"Frechet distance to test digits {judged['frechet_distance']:.2f}"

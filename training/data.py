@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 DATASETS = ("mnist-5k", "mnist")
 
@@ -176,6 +177,21 @@ class Batches:
                 noise = torch.rand(x.shape, generator=self.generator, device=random_device)
                 x = (noise.to(device) < x).to(torch.float32)
             yield x, labels[positions]
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of x (B, 1, H, W) moved by whole pixels, up to max_shift along each axis;
+    the uncovered border is background (0)."""
+    offsets = torch.randint(-max_shift, max_shift + 1, (len(x), 2), generator=generator)
+    theta = torch.zeros(len(x), 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    # With align_corners=False one pixel is 2 / size in grid coordinates, so an integer offset
+    # is an exact shift and the bilinear sampling copies pixels unchanged.
+    theta[:, 0, 2] = offsets[:, 0] * 2.0 / x.shape[-1]
+    theta[:, 1, 2] = offsets[:, 1] * 2.0 / x.shape[-2]
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def to_float(images_uint8: torch.Tensor) -> torch.Tensor:

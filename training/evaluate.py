@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
-from models import ANOMALY_SCORE_KIND, ANOMALY_STATISTICS, VAE, CheckpointError, load_checkpoint
+from models import ANOMALY_SCORE_KIND, VAE, CheckpointError, load_checkpoint
+from models.prior import checkpoint_prior
 from training.cliutil import OneLineErrorParser, report_error
 from training.config import ConfigError, resolve_device
 from training.data import DATASETS, Batches, DataError, MNISTData, Split, load_dataset, to_float
+from training.ood_sets import Part, ood_sets
+from training.sample_quality import sample_quality
 
 # Percentiles 0, 1, ..., 100 of normal validation scores: the service reports where a score falls.
 _PERCENTILES = 101
@@ -51,7 +59,7 @@ def evaluate(
         add("elbo", model.elbo(x, labels, k=1, generator=generator))
         add("iwae_log_likelihood", model.log_likelihood(x, labels, k=iwae_k, generator=generator))
         posterior = model.encode(x, labels)
-        reconstruction = model.decode(posterior.mode(), labels)
+        reconstruction = model.decode_mean(posterior.mode(), labels)
         add("reconstruction_mse", (reconstruction - x).pow(2).flatten(1).mean(1))
         if conditional:
             add("marginal_elbo", model.elbo(x, None, k=1, generator=generator))
@@ -59,9 +67,14 @@ def evaluate(
                 "marginal_iwae_log_likelihood",
                 model.log_likelihood(x, None, k=iwae_k, generator=generator),
             )
-            hits = (model.predict_digit(x).digit == y).long().cpu()
+            predicted = model.predict_digit(x).digit
+            hits = (predicted == y).long().cpu()
             correct.index_add_(0, y.cpu(), hits)
             totals.index_add_(0, y.cpu(), torch.ones_like(hits))
+            if model.digit_head is not None:
+                by_elbo = model.predict_digit_elbo(x).digit
+                add("elbo_digit_correct", (by_elbo == y).double())
+                add("head_agrees_with_elbo", (by_elbo == predicted).double())
 
     count = len(data)
     means = {name: float(total) / count for name, total in sums.items()}
@@ -80,11 +93,18 @@ def evaluate(
             "marginal_iwae_log_likelihood": means["marginal_iwae_log_likelihood"],
             "marginal_iwae_nll": -means["marginal_iwae_log_likelihood"],
             "digit_accuracy": float(correct.sum()) / count,
+            "digit_predicted_by": "digit head q(y|x)"
+            if model.digit_head is not None
+            else "ELBO under each label",
             "per_class_accuracy": [
                 float(c) / float(t) if t > 0 else None
                 for c, t in zip(correct.tolist(), totals.tolist(), strict=True)
             ],
         }
+        if model.digit_head is not None:
+            # The amortised head against the exact rule it replaces (argmax_y ELBO(x, y)).
+            metrics["digit_accuracy_elbo"] = means["elbo_digit_correct"]
+            metrics["head_agrees_with_elbo"] = means["head_agrees_with_elbo"]
     return metrics
 
 
@@ -112,7 +132,7 @@ def calibrate_anomaly(
     test = anomaly_scores(model, data.test.images, batch_size)
     return {
         "score_kind": ANOMALY_SCORE_KIND,
-        "statistics": list(ANOMALY_STATISTICS),
+        "statistics": list(model.config.anomaly_statistics),
         "reference": "train split",
         "calibration": "validation split",
         "fpr": fpr,
@@ -121,6 +141,90 @@ def calibrate_anomaly(
         "validation_size": len(validation),
         "test_fpr": float((test > threshold).double().mean()),
     }
+
+
+# The anomaly score's targets on the held-out sets of training/ood_sets.py (the README's).
+ANOMALY_TARGETS = {
+    "near_auroc_min": 0.95,
+    "near_auroc_mean": 0.99,
+    "far_auroc_min": 0.99,
+    "test_fpr_low": 0.005,
+    "test_fpr_high": 0.015,
+}
+
+
+def auroc(normal: Tensor, anomalous: Tensor) -> float:
+    """Area under the ROC curve of scores that should rank `anomalous` above `normal`: the
+    chance that a random anomaly scores above a random normal image (ties count half)."""
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    return float(roc_auc_score(labels, np.r_[normal.numpy(), anomalous.numpy()]))
+
+
+@torch.no_grad()
+def anomaly_report(
+    model: VAE,
+    data: MNISTData,
+    threshold: float,
+    part: Part = "test",
+    per_set: int = 500,
+    batch_size: int = 500,
+) -> dict[str, Any]:
+    """The anomaly score on every held-out set of `part` (training/ood_sets.py) against the
+    real digits of the same split (test, or validation for "dev"): AUROC and the share the
+    threshold flags, per set, then the summary against ANOMALY_TARGETS."""
+    source = data.test if part == "test" else data.val
+    normal = anomaly_scores(model, source.images, batch_size)
+    sets: dict[str, Any] = {}
+    for ood in ood_sets(source.images, source.labels, part, per_set):
+        scores = anomaly_scores(model, ood.images.to(source.images.device), batch_size)
+        sets[ood.name] = {
+            "kind": ood.kind,
+            "description": ood.description,
+            "images": len(scores),
+            "auroc": auroc(normal, scores),
+            "flagged": float((scores > threshold).double().mean()),
+        }
+    near = [row["auroc"] for row in sets.values() if row["kind"] == "near"]
+    far = [row["auroc"] for row in sets.values() if row["kind"] == "far"]
+    normal_flagged = float((normal > threshold).double().mean())
+    summary = {
+        "near_auroc_min": min(near),
+        "near_auroc_mean": sum(near) / len(near),
+        "far_auroc_min": min(far),
+        "normal_flagged": normal_flagged,
+    }
+    targets = ANOMALY_TARGETS
+    met = {
+        "near_auroc_min": summary["near_auroc_min"] >= targets["near_auroc_min"],
+        "near_auroc_mean": summary["near_auroc_mean"] >= targets["near_auroc_mean"],
+        "far_auroc_min": summary["far_auroc_min"] >= targets["far_auroc_min"],
+        "normal_flagged": targets["test_fpr_low"] <= normal_flagged <= targets["test_fpr_high"],
+    }
+    return {
+        "part": part,
+        "normal": f"{'test' if part == 'test' else 'validation'} split, {len(normal)} digits",
+        "sets": sets,
+        "summary": summary,
+        "targets": targets,
+        "met": met,
+    }
+
+
+def format_anomaly_table(report: dict[str, Any]) -> str:
+    """One line per held-out set: kind, AUROC, share flagged at the threshold."""
+    lines = [f"anomaly score on the {report['part']} sets (normal: {report['normal']})"]
+    lines.append(f"  {'set':<18} {'kind':<5} {'AUROC':>7} {'flagged':>8}")
+    for name, row in report["sets"].items():
+        lines.append(f"  {name:<18} {row['kind']:<5} {row['auroc']:>7.3f} {row['flagged']:>8.1%}")
+    summary, targets = report["summary"], report["targets"]
+    lines.append(
+        f"  near: min {summary['near_auroc_min']:.3f} (target {targets['near_auroc_min']}), "
+        f"mean {summary['near_auroc_mean']:.3f} (target {targets['near_auroc_mean']}); "
+        f"far: min {summary['far_auroc_min']:.3f} (target {targets['far_auroc_min']}); "
+        f"real digits flagged {summary['normal_flagged']:.1%} "
+        f"(target {targets['test_fpr_low']:.1%}-{targets['test_fpr_high']:.1%})"
+    )
+    return "\n".join(lines)
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -171,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="images per batch (default: as trained)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, help="seed of the sampling noise (default: as trained)")
+    parser.add_argument(
+        "--anomaly-sets",
+        choices=("test", "dev", "none"),
+        default="test",
+        help="score the held-out anomaly sets of this part (default: test; dev is what the "
+        "score's statistics were chosen on)",
+    )
+    parser.add_argument(
+        "--sample-quality",
+        action="store_true",
+        help="also judge samples with an independent classifier and CAS (~1 min on CPU)",
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return parser
 
@@ -183,9 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_error(exc)
     if args.json:
         print(json.dumps(metrics, indent=2))
-    else:
-        print(f"checkpoint {args.checkpoint}")
-        print(format_table(metrics))
+        return 0
+    print(f"checkpoint {args.checkpoint}")
+    print(format_table(metrics))
+    if "anomaly_sets" in metrics:
+        print(format_anomaly_table(metrics["anomaly_sets"]))
+    if "sample_quality" in metrics:
+        print(format_quality_table(metrics["sample_quality"]))
     return 0
 
 
@@ -214,7 +334,58 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         scores = anomaly_scores(checkpoint.model, data.test.images)
         metrics["anomaly_threshold"] = float(threshold)
         metrics["anomaly_test_fpr"] = float((scores > threshold).double().mean())
+        if args.anomaly_sets != "none":
+            metrics["anomaly_sets"] = anomaly_report(
+                checkpoint.model, data, float(threshold), part=args.anomaly_sets
+            )
+    if args.sample_quality:
+        if not checkpoint.model.config.conditional:
+            raise ConfigError(
+                "--sample-quality judges samples of each digit: it needs a conditional checkpoint"
+            )
+        metrics["sample_quality"] = sample_quality(
+            checkpoint.model,
+            checkpoint_prior(checkpoint),
+            data,
+            _judge_cache(checkpoint.path),
+            seed=seed,
+        )
     return metrics
+
+
+def _judge_cache(folder: Path) -> Path:
+    """Where the judge is cached: the checkpoint's train_state/ when writable (a training run
+    left it there), else a per-user temporary folder."""
+    state = folder / "train_state"
+    if os.access(state if state.is_dir() else folder, os.W_OK):
+        return state
+    return Path(tempfile.gettempdir()) / f"vae-serve-judge-{os.getuid()}"
+
+
+def format_quality_table(report: dict[str, Any]) -> str:
+    """The sample-quality numbers next to their targets."""
+    served = report["served"]
+    lines = [
+        f"samples of each digit ({served['prior']} prior, {served['samples_per_class']} per "
+        f"digit), judged by a classifier trained on real digits only "
+        f"({report['judge']['test_accuracy']:.1%} on test digits)"
+    ]
+    for name, row in report["targets"].items():
+        sign = "<=" if name == "fd_ratio" else ">="
+        verdict = "met" if row["met"] else "missed"
+        lines.append(f"  {name:<16} {row['value']:.3f} (target {sign} {row['target']}) {verdict}")
+    lines.append(
+        f"  FD {served['frechet_distance']:.1f} against the real-digit floor "
+        f"{served['frechet_distance_floor']:.1f}; CAS of real training digits "
+        f"{report['cas']['real_training_digits_accuracy']:.1%}"
+    )
+    if "standard" in report:
+        standard = report["standard"]
+        lines.append(
+            f"  from N(0, I) instead: on-digit {standard['accuracy']:.1%}, FD ratio "
+            f"{standard['fd_ratio']:.2f}, diversity {standard['diversity_ratio']:.2f}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -15,23 +15,35 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from models import VAE, CheckpointError, load_checkpoint
+from models import VAE, Checkpoint, CheckpointError, load_checkpoint
+from models.prior import PRIOR_FILE, GaussianMixturePrior, checkpoint_prior
 from training.cliutil import OneLineErrorParser, report_error
 from training.config import ConfigError, resolve_device
 
 GRID_SIDE = 10  # samples.png: 10 x 10, one row per digit for conditional models
 
 
+def prior_generator(model: VAE, prior: GaussianMixturePrior | None, seed: int) -> torch.Generator:
+    """The seeded generator of a prior draw: a fitted prior draws on the CPU, N(0, I) on the
+    model's device (as it always has, so old seeds give the same images)."""
+    return torch.Generator("cpu" if prior is not None else model.device).manual_seed(seed)
+
+
 @torch.no_grad()
-def sample_grid(model: VAE, seed: int = 0, temperature: float = 1.0) -> Tensor:
+def sample_grid(
+    model: VAE,
+    seed: int = 0,
+    temperature: float = 1.0,
+    prior: GaussianMixturePrior | None = None,
+) -> Tensor:
     """A GRID_SIDE x GRID_SIDE grid of prior samples (row d = digit d when conditional), as a
     (3, H, W) image in [0, 1]; the same seed always gives the same grid."""
-    generator = torch.Generator(model.device).manual_seed(seed)
+    generator = prior_generator(model, prior, seed)
     rows = model.config.num_classes or GRID_SIDE
     labels = None
     if model.config.conditional:
         labels = torch.arange(rows, device=model.device).repeat_interleave(GRID_SIDE)
-    samples = model.sample(rows * GRID_SIDE, labels, temperature, generator)
+    samples = model.sample(rows * GRID_SIDE, labels, temperature, generator, prior)
     return make_grid(samples.images.float().cpu(), nrow=GRID_SIDE, padding=2)
 
 
@@ -56,10 +68,12 @@ def generate(
     seed: int = 0,
     batch_size: int = 500,
     grid: bool = False,
+    prior: GaussianMixturePrior | None = None,
 ) -> list[Path]:
     """Write n prior samples as 28 x 28 8-bit grayscale PNGs plus labels.csv (file,digit) into
     out_dir; returns the image paths. A conditional model draws `digit`, or digits 0..9 in turn
-    when digit is None; an unconditional one takes no digit (its labels.csv digits are empty)."""
+    when digit is None; an unconditional one takes no digit (its labels.csv digits are empty).
+    z comes from the fitted `prior` when given, else from N(0, I)."""
     classes = model.config.num_classes
     if classes is None and digit is not None:
         raise ConfigError(
@@ -78,14 +92,14 @@ def generate(
     if classes is not None:
         labels = torch.full((n,), digit) if digit is not None else torch.arange(n) % classes
     width = max(5, len(str(n - 1)))
-    generator = torch.Generator(model.device).manual_seed(seed)
+    generator = prior_generator(model, prior, seed)
     paths: list[Path] = []
     first_images: list[Tensor] = []
     rows: list[tuple[str, str]] = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         batch_labels = None if labels is None else labels[start : start + count].to(model.device)
-        images = model.sample(count, batch_labels, temperature, generator).images
+        images = model.sample(count, batch_labels, temperature, generator, prior).images
         if grid and sum(len(b) for b in first_images) < GRID_SIDE * GRID_SIDE:
             first_images.append(images.float().cpu())
         for offset, pixels in enumerate(to_uint8(images).numpy()):
@@ -103,6 +117,18 @@ def generate(
         images = torch.cat(first_images)[: GRID_SIDE * GRID_SIDE]
         (out_dir / "grid.png").write_bytes(png_bytes(make_grid(images, nrow=GRID_SIDE)))
     return paths
+
+
+def chosen_prior(checkpoint: Checkpoint, name: str | None) -> GaussianMixturePrior | None:
+    """The prior to sample a loaded checkpoint with: its fitted one unless `standard` is asked
+    for; `fitted` from a checkpoint without one is a ConfigError."""
+    fitted = checkpoint_prior(checkpoint)
+    if name == "fitted" and fitted is None:
+        raise ConfigError(
+            f"--prior fitted: {checkpoint.path} has no fitted prior ({PRIOR_FILE}); use "
+            "--prior standard, or retrain the checkpoint (training fits one at the end)"
+        )
+    return None if name == "standard" else fitted
 
 
 def _make_writable_dir(path: Path) -> None:
@@ -133,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=1.0, help="prior std scale; < 1 gives cleaner digits"
     )
     parser.add_argument("--seed", type=int, default=0, help="same seed, same images")
+    parser.add_argument(
+        "--prior",
+        choices=("fitted", "standard"),
+        help="draw z from the checkpoint's fitted prior (the default when it has one) or from "
+        "N(0, I)",
+    )
     parser.add_argument("--batch-size", type=int, default=500, help="samples per decoder call")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
@@ -145,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)
-        model = load_checkpoint(args.checkpoint, device).model
+        checkpoint = load_checkpoint(args.checkpoint, device)
+        model = checkpoint.model
+        prior = chosen_prior(checkpoint, args.prior)
         paths = generate(
             model,
             n=args.n,
@@ -155,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             grid=args.grid,
+            prior=prior,
         )
     except (ConfigError, CheckpointError) as exc:
         return report_error(exc)

@@ -6,8 +6,10 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from models import VAE, load_checkpoint, read_metadata
+from models.prior import PRIOR_FILE, checkpoint_prior
 from training.adversarial import AdversarialObjective
 from training.checkpoints import (
     STATE_FILE,
@@ -25,11 +28,13 @@ from training.checkpoints import (
 )
 from training.config import ConfigError, TrainConfig, resolve_device
 from training.data import Batches, MNISTData, Split, load_dataset
-from training.evaluate import calibrate_anomaly, evaluate
+from training.evaluate import anomaly_report, calibrate_anomaly, evaluate
 from training.generate import png_bytes, sample_grid
 from training.index import INDEX_FILE, build_checkpoint_index
 from training.objective import VAEObjective
-from training.sample_quality import compare_sample_quality
+from training.prior import fit_prior
+from training.sample_quality import compare_sample_quality, sample_quality
+from training.sharpness import fit_decoder_temperature
 from training.tensorboard import TensorBoardCallback, open_writer, require_tensorboard
 from training.trainer import Callback, Trainer, TrainerSettings
 
@@ -51,6 +56,23 @@ class RunResult:
     epochs_run: int
     train_seconds: float
     device: str
+
+
+@dataclass
+class Stages:
+    """Logs each stage after training as it starts and ends (with its time), so a long
+    evaluation never runs silently; `seconds` keeps the times for config.json."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        logger.info("%s ...", what)
+        started = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - started
+        self.seconds[what] = round(elapsed, 2)
+        logger.info("  done in %.1f s", elapsed)
 
 
 class ValidationELBO:
@@ -173,30 +195,50 @@ def finish(
     selected = "last" if config.adversarial else "best"
     evaluated_epoch = trainer.epoch if config.adversarial else trainer.best_epoch
     model = load_checkpoint(train_state_dir(out_dir) / selected, device).model
-    logger.info(
-        "calibrating the anomaly score and evaluating epoch %d on the test split",
-        evaluated_epoch,
-    )
-    anomaly = calibrate_anomaly(model, data, config.anomaly_fpr, config.eval_batch_size)
-    metrics = evaluate(
-        model,
-        data.test,
-        iwae_k=config.iwae_k,
-        batch_size=config.eval_batch_size,
-        generator=torch.Generator(device).manual_seed(config.seed),
-    )
-    if isinstance(trainer.loss_fn, AdversarialObjective) and baseline is not None:
-        logger.info("comparing prior samples with the plain VAE in %s", baseline)
-        metrics["sample_quality"] = compare_sample_quality(
+    stages = Stages()
+    with stages("fitting the decoder temperature and the latent prior"):
+        temperature, sharpness = fit_decoder_temperature(model, data.train, config.eval_batch_size)
+        model.config = replace(model.config, decoder_temperature=temperature)
+        prior = fit_prior(model, data.train, data.val, seed=config.seed)
+    with stages("calibrating the anomaly score on the train and validation splits"):
+        anomaly = calibrate_anomaly(model, data, config.anomaly_fpr, config.eval_batch_size)
+    with stages(f"evaluating epoch {evaluated_epoch} on the test split (IWAE k={config.iwae_k})"):
+        metrics = evaluate(
             model,
-            load_checkpoint(baseline, device).model,
-            trainer.loss_fn.classifier,
-            data,
-            per_class=config.quality_samples_per_class,
-            seed=config.seed,
-            cache_dir=train_state_dir(out_dir),
+            data.test,
+            iwae_k=config.iwae_k,
+            batch_size=config.eval_batch_size,
+            generator=torch.Generator(device).manual_seed(config.seed),
         )
-        metrics["sample_quality"]["baseline"] = str(baseline)
+    with stages("scoring the held-out anomaly sets"):
+        anomaly["held_out"] = anomaly_report(
+            model, data, anomaly["threshold"], batch_size=config.eval_batch_size
+        )
+    if config.sample_quality and model.config.conditional:
+        with stages("judging samples with an independent classifier (and CAS)"):
+            metrics["sample_quality"] = sample_quality(
+                model,
+                prior,
+                data,
+                train_state_dir(out_dir),
+                seed=config.seed,
+                epochs=config.judge_epochs,
+            )
+    if isinstance(trainer.loss_fn, AdversarialObjective) and baseline is not None:
+        with stages(f"comparing samples with the plain VAE in {baseline}"):
+            plain = load_checkpoint(baseline, device)
+            metrics["adversarial_comparison"] = compare_sample_quality(
+                model,
+                plain.model,
+                trainer.loss_fn.classifier,
+                data,
+                per_class=config.quality_samples_per_class,
+                seed=config.seed,
+                cache_dir=train_state_dir(out_dir),
+                priors=(prior, checkpoint_prior(plain)),
+                epochs=config.judge_epochs,
+            )
+        metrics["adversarial_comparison"]["baseline"] = str(baseline)
     training = {
         "preset": config.preset,
         "config": config.to_dict(),
@@ -208,12 +250,21 @@ def finish(
         "train_seconds": round(trainer.train_seconds, 3),
         "device": str(device),
         "amp": trainer.use_amp,
+        "evaluation_seconds": stages.seconds,
     }
     # The latent index of the train split behind POST /similar (training/index.py).
     index_bytes, index_card = build_checkpoint_index(
         model, data.train, data.test, data.name, config.eval_batch_size
     ).export()
-    report = {"training": training, "metrics": metrics, "anomaly": anomaly, "index": index_card}
+    prior_bytes, prior_card = prior.export()
+    prior_card["decoder_temperature"] = {"value": temperature, **sharpness}
+    report = {
+        "training": training,
+        "metrics": metrics,
+        "anomaly": anomaly,
+        "index": index_card,
+        "prior": prior_card,
+    }
     model.save_pretrained(
         out_dir,
         metadata={**report, "dataset": data.split_info},
@@ -221,8 +272,9 @@ def finish(
             METRICS_FILE: (
                 json.dumps({**report, "history": trainer.history}, indent=2) + "\n"
             ).encode(),
-            SAMPLES_FILE: png_bytes(sample_grid(model, seed=config.seed)),
+            SAMPLES_FILE: png_bytes(sample_grid(model, seed=config.seed, prior=prior)),
             INDEX_FILE: index_bytes,
+            PRIOR_FILE: prior_bytes,
         },
     )
     return RunResult(
@@ -280,7 +332,15 @@ def plain_baseline(config: TrainConfig) -> Path:
 # What a checkpoint folder may hold: save_pretrained replaces the whole folder (keeping only
 # train_state/), so a run refuses an --out that holds anything else rather than delete it.
 CHECKPOINT_ENTRIES = frozenset(
-    {"config.json", "model.safetensors", METRICS_FILE, SAMPLES_FILE, INDEX_FILE, TRAIN_STATE_DIR}
+    {
+        "config.json",
+        "model.safetensors",
+        METRICS_FILE,
+        SAMPLES_FILE,
+        INDEX_FILE,
+        PRIOR_FILE,
+        TRAIN_STATE_DIR,
+    }
 )
 
 

@@ -1,15 +1,29 @@
-"""How good a conditional VAE's prior samples are: digit accuracy and a Frechet distance.
+"""How good a conditional VAE's samples of a chosen digit are, through an independent judge.
 
-Both numbers are read through a classifier's eyes. N samples per digit are drawn from the prior
-at temperature 1 with a fixed seed; a classifier names their digits (accuracy per class and
-mean), and the Frechet distance compares the Gaussian fitted to the classifier's penultimate
-features of the samples with the one fitted to those of the real test digits (lower = closer;
-the FID recipe, Heusel et al. 2017, with a small MNIST classifier in place of Inception).
+The judge is a digit classifier trained on the real training digits alone (light augmentation:
+random shifts of up to 2 pixels), never used to train the VAE or its adversaries. Its network is
+the ordinary MNIST CNN (two 3 x 3 convolutions at full resolution, max-pooling, a 128-unit
+layer, dropout; the Keras example's shape). Samples per digit are drawn with a fixed seed, and:
 
-The adversarial run's own classifier C was trained alongside the generator it judges, so its
-verdicts are not independent. The headline numbers therefore come from a reference classifier
-of the same architecture trained on the real training digits only, once per output folder
-(cached in train_state/reference_classifier.safetensors), and used for both VAEs compared.
+- accuracy: the share the judge names as the digit asked for (mean over digits, and per digit);
+- Frechet distance (FD) between Gaussians fitted to the judge's 128 penultimate features of the
+  samples and of the real test digits (the FID recipe, Heusel et al. 2017, with this judge in
+  place of Inception), printed beside its floor: as many real training digits per digit against
+  the same test digits. Both sides use the same number of images, since FD is biased upwards
+  for small samples;
+- diversity: the mean pairwise distance between the judge's features of samples of one digit,
+  averaged over digits, divided by the same for real training digits;
+- Classification Accuracy Score (CAS, Ravuri & Vinyals 2019): the judge's recipe trained on
+  generated digits alone, tested on the real test digits, beside the same recipe trained on the
+  real training digits (the judge itself).
+
+Why not the earlier reference classifier: it had the adversarial critic's network (two stride-2
+convolutions of 16 and 32 channels and a 64-unit LeakyReLU layer) and judged 100 samples per
+digit. On the same default checkpoint it put samples from N(0, I) at 3.6x the real-digit floor,
+where this judge says 14x and an independent check by a user said 11x: the narrow stride-2 trunk
+keeps little of the stroke detail that blur destroys, and 100 samples inflate the floor (small
+sample bias) more than the samples' distance, which shrinks every ratio (at 100 per digit this
+judge says 10x instead of 14x). So this judge, and 300 samples per digit.
 """
 
 from __future__ import annotations
@@ -26,46 +40,83 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from models import VAE
-from models.adversarial import Classifier, CriticConfig
-from training.data import NUM_CLASSES, Batches, MNISTData, Split, to_float
+from models.adversarial import Classifier, CriticOutput
+from models.prior import GaussianMixturePrior
+from training.data import NUM_CLASSES, Batches, MNISTData, Split, random_shift, to_float
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference_classifier.safetensors"
-# Ten epochs of Adam with cosine decay and random shifts of up to 2 pixels: ~96% test accuracy
-# on mnist-5k (95% without the shifts) in ~10 s on one CPU core. The point is an independent
-# judge, not the best classifier.
+# The judge's recipe: ten epochs of Adam with cosine decay, random shifts of up to 2 pixels.
+# ~97% on mnist-5k's test digits.
 REFERENCE_EPOCHS = 10
 REFERENCE_BATCH_SIZE = 64
 REFERENCE_LR = 2e-3
 REFERENCE_MAX_SHIFT = 2
+# Samples per digit judged, and for the floor, real training digits per digit (mnist-5k has 360).
+SAMPLES_PER_CLASS = 300
+# Generated digits the CAS classifier is trained on (as many of each digit).
+CAS_SAMPLES = 4000
+# What the README holds the default model to.
+TARGETS = {"accuracy": 0.98, "fd_ratio": 1.5, "diversity_ratio": 0.9, "cas": 0.95}
 _BATCH = 500  # images per forward pass when sampling and classifying
+
+
+class ReferenceNet(nn.Module):
+    """The judge's network: x (B, 1, 28, 28) in [0, 1] -> digit logits and 128 features."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3),  # (B, 32, 26, 26)
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3),  # (B, 64, 24, 24)
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 64, 12, 12)
+            nn.Dropout(0.25),
+            nn.Flatten(),
+            nn.Linear(64 * 12 * 12, 128),
+            nn.ReLU(),
+        )
+        self.dropout = nn.Dropout(0.5)
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x: Tensor) -> CriticOutput:
+        features = self.features(x)  # (B, 128)
+        return CriticOutput(logits=self.head(self.dropout(features)), features=features)
+
+
+Judge = ReferenceNet | Classifier
 
 
 @torch.no_grad()
 def samples_per_class(
-    model: VAE, per_class: int, seed: int, temperature: float = 1.0
+    model: VAE,
+    per_class: int,
+    seed: int,
+    temperature: float = 1.0,
+    prior: GaussianMixturePrior | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """per_class prior samples of each digit, one seeded generator for all: images
-    (C * per_class, 1, 28, 28) in [0, 1] and their digits (C * per_class,)."""
+    """per_class samples of each digit, one seeded generator for all, from the fitted `prior`
+    or (None) N(0, I): images (C * per_class, 1, 28, 28) in [0, 1] and digits (C * per_class,)."""
     classes = model.config.num_classes
     if classes is None:
         raise ValueError("sample quality per digit needs a conditional VAE")
     model.eval()
-    generator = torch.Generator(model.device).manual_seed(seed)
+    generator = torch.Generator("cpu" if prior is not None else model.device).manual_seed(seed)
     labels = torch.arange(classes, device=model.device).repeat_interleave(per_class)
     images = [
-        model.sample(len(chunk), chunk, temperature, generator).images.float()
+        model.sample(len(chunk), chunk, temperature, generator, prior).images.float()
         for chunk in labels.split(_BATCH)
     ]
     return torch.cat(images), labels
 
 
 @torch.no_grad()
-def classify(classifier: Classifier, images: Tensor) -> tuple[Tensor, Tensor]:
+def classify(classifier: Judge, images: Tensor) -> tuple[Tensor, Tensor]:
     """Predicted digits (N,) and penultimate features (N, F) of images (N, 1, 28, 28)."""
     classifier.eval()
     outputs = [classifier(batch) for batch in images.split(_BATCH)]
@@ -88,6 +139,17 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     return float(distance.clamp_min(0))
 
 
+def within_class_spread(features: Tensor, labels: Tensor) -> float:
+    """Mean pairwise Euclidean distance between feature rows of the same label, averaged over
+    the labels present: how varied the images of one digit are, in the judge's eyes."""
+    spreads = [
+        float(torch.pdist(features[labels == label].double()).mean())
+        for label in labels.unique().tolist()
+        if int((labels == label).sum()) >= 2
+    ]
+    return sum(spreads) / len(spreads)
+
+
 def first_per_class(labels: Tensor, per_class: int) -> Tensor:
     """Row numbers of the first per_class examples of each digit (fewer where there are fewer)."""
     return torch.cat([(labels == digit).nonzero()[:per_class, 0] for digit in range(NUM_CLASSES)])
@@ -99,12 +161,12 @@ def per_class_accuracy(predicted: Tensor, labels: Tensor, classes: int) -> list[
 
 
 def quality(
-    classifier: Classifier, images: Tensor, labels: Tensor, real_features: Tensor
+    classifier: Judge, images: Tensor, labels: Tensor, real_features: Tensor
 ) -> dict[str, Any]:
     """Accuracy (mean and per digit) of classifier on labelled images, and their Frechet
     distance to the real images whose features are given."""
     predicted, features = classify(classifier, images)
-    per_class = per_class_accuracy(predicted, labels, classifier.config.num_classes)
+    per_class = per_class_accuracy(predicted, labels, NUM_CLASSES)
     return {
         "accuracy": sum(per_class) / len(per_class),
         "per_class_accuracy": per_class,
@@ -112,37 +174,24 @@ def quality(
     }
 
 
-def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Each image of x (B, 1, H, W) moved by whole pixels, up to max_shift along each axis;
-    the uncovered border is background (0)."""
-    offsets = torch.randint(-max_shift, max_shift + 1, (len(x), 2), generator=generator)
-    theta = torch.zeros(len(x), 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    # With align_corners=False one pixel is 2 / size in grid coordinates, so an integer offset
-    # is an exact shift and the bilinear sampling copies pixels unchanged.
-    theta[:, 0, 2] = offsets[:, 0] * 2.0 / x.shape[-1]
-    theta[:, 1, 2] = offsets[:, 1] * 2.0 / x.shape[-2]
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-def train_classifier(train: Split, seed: int, device: torch.device) -> Classifier:
-    """A Classifier trained on real digits alone: REFERENCE_EPOCHS of Adam, seeded, without
-    touching the caller's random state."""
+def train_reference(
+    train: Split, seed: int, device: torch.device, epochs: int = REFERENCE_EPOCHS
+) -> ReferenceNet:
+    """The judge's recipe on a split of uint8 digits (real ones for the judge, generated ones
+    for CAS): `epochs` of Adam, seeded, without touching the caller's random state."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
         torch.manual_seed(seed)
-        classifier = Classifier(CriticConfig(num_classes=NUM_CLASSES)).to(device)
+        classifier = ReferenceNet().to(device)
         optimizer = torch.optim.Adam(classifier.parameters(), lr=REFERENCE_LR)
         generator = torch.Generator().manual_seed(seed)
         batches = Batches(train, REFERENCE_BATCH_SIZE, generator=generator)
-        total_steps = REFERENCE_EPOCHS * len(batches)
+        total_steps = epochs * len(batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
         )
         classifier.train()
-        for _ in range(REFERENCE_EPOCHS):
+        for _ in range(epochs):
             for x, y in batches:
                 x = random_shift(x, REFERENCE_MAX_SHIFT, generator)
                 loss = F.cross_entropy(classifier(x).logits, y)
@@ -153,34 +202,42 @@ def train_classifier(train: Split, seed: int, device: torch.device) -> Classifie
     return classifier.eval()
 
 
+def accuracy_on(classifier: Judge, split: Split) -> float:
+    predicted, _ = classify(classifier, to_float(split.images))
+    return float((predicted == split.labels).double().mean())
+
+
 def reference_classifier(
-    cache_dir: Path, data: MNISTData, seed: int, device: torch.device
-) -> tuple[Classifier, dict[str, Any]]:
-    """The reference classifier of this dataset and seed: loaded from cache_dir when trained
-    there before with the same recipe, else trained and cached. Returns it with its record
-    (recipe and test accuracy)."""
+    cache_dir: Path,
+    data: MNISTData,
+    seed: int,
+    device: torch.device,
+    epochs: int = REFERENCE_EPOCHS,
+) -> tuple[ReferenceNet, dict[str, Any]]:
+    """The judge of this dataset and seed: loaded from cache_dir when trained there before with
+    the same recipe, else trained and cached. Returns it with its record (recipe, test
+    accuracy)."""
     recipe = {
+        "network": "ReferenceNet: conv3x3 32, conv3x3 64, maxpool, fc 128 (dropout 0.25/0.5)",
         "dataset": data.name,
         "split": data.split_info["sizes"],
         "seed": seed,
-        "epochs": REFERENCE_EPOCHS,
+        "epochs": epochs,
         "batch_size": REFERENCE_BATCH_SIZE,
         "lr": REFERENCE_LR,
         "max_shift": REFERENCE_MAX_SHIFT,
-        "critic_config": CriticConfig(num_classes=NUM_CLASSES).to_dict(),
     }
     path = cache_dir / REFERENCE_FILE
     classifier = _load_cached(path, recipe, device)
     if classifier is None:
-        logger.info("training the reference classifier on the real training digits")
-        classifier = train_classifier(data.train, seed, device)
+        logger.info("training the judge (a digit classifier) on the real training digits")
+        classifier = train_reference(data.train, seed, device, epochs)
         _save(classifier, path, recipe)
-    predicted, _ = classify(classifier, to_float(data.test.images))
-    test_accuracy = float((predicted == data.test.labels).double().mean())
-    return classifier, {**recipe, "trained_on": "train split", "test_accuracy": test_accuracy}
+    accuracy = accuracy_on(classifier, data.test)
+    return classifier, {**recipe, "trained_on": "train split", "test_accuracy": accuracy}
 
 
-def _load_cached(path: Path, recipe: dict[str, Any], device: torch.device) -> Classifier | None:
+def _load_cached(path: Path, recipe: dict[str, Any], device: torch.device) -> ReferenceNet | None:
     if not path.is_file():
         return None
     try:
@@ -189,15 +246,15 @@ def _load_cached(path: Path, recipe: dict[str, Any], device: torch.device) -> Cl
             state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         if json.loads(metadata.get("recipe", "null")) != json.loads(json.dumps(recipe)):
             return None
-        classifier = Classifier(CriticConfig.from_dict(recipe["critic_config"]))
+        classifier = ReferenceNet()
         classifier.load_state_dict(state)
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
-        logger.warning("retraining the reference classifier: cannot use %s (%s)", path, exc)
+        logger.warning("retraining the judge: cannot use %s (%s)", path, exc)
         return None
     return classifier.to(device).eval()
 
 
-def _save(classifier: Classifier, path: Path, recipe: dict[str, Any]) -> None:
+def _save(classifier: ReferenceNet, path: Path, recipe: dict[str, Any]) -> None:
     """Write via a temporary file and a rename, so a crash never leaves half a cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in classifier.state_dict().items()}
@@ -216,6 +273,104 @@ def _save(classifier: Classifier, path: Path, recipe: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
+def judge_samples(
+    model: VAE,
+    prior: GaussianMixturePrior | None,
+    judge: Judge,
+    data: MNISTData,
+    per_class: int = SAMPLES_PER_CLASS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy, FD (with its floor) and diversity of per_class samples of each digit."""
+    device = model.device
+    rows = first_per_class(data.train.labels, per_class)
+    real_images = to_float(data.train.images[rows]).to(device)
+    real_labels = data.train.labels[rows].to(device)
+    _, real_features = classify(judge, real_images)
+    _, test_features = classify(judge, to_float(data.test.images).to(device))
+    images, labels = samples_per_class(model, per_class, seed, prior=prior)
+    predicted, features = classify(judge, images)
+    per_digit = per_class_accuracy(predicted, labels, NUM_CLASSES)
+    floor = frechet_distance(real_features, test_features)
+    distance = frechet_distance(features, test_features)
+    real_spread = within_class_spread(real_features, real_labels)
+    spread = within_class_spread(features, labels)
+    return {
+        "prior": "standard" if prior is None else "fitted",
+        "samples_per_class": per_class,
+        "accuracy": sum(per_digit) / len(per_digit),
+        "per_class_accuracy": per_digit,
+        "frechet_distance": distance,
+        "frechet_distance_floor": floor,
+        "fd_ratio": distance / floor if floor > 0 else math.inf,
+        "diversity": spread,
+        "diversity_real": real_spread,
+        "diversity_ratio": spread / real_spread,
+    }
+
+
+def classification_accuracy_score(
+    model: VAE,
+    prior: GaussianMixturePrior | None,
+    data: MNISTData,
+    seed: int = 0,
+    samples: int = CAS_SAMPLES,
+    epochs: int = REFERENCE_EPOCHS,
+) -> float:
+    """CAS: the judge's recipe trained on `samples` generated digits (as many of each), tested
+    on the real test digits."""
+    classes = model.config.num_classes or NUM_CLASSES
+    images, labels = samples_per_class(model, samples // classes, seed + 1, prior=prior)
+    uint8 = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    generated = Split(uint8, labels.to(uint8.device))
+    classifier = train_reference(generated, seed, model.device, epochs)
+    return accuracy_on(classifier, data.test.to(model.device))
+
+
+def sample_quality(
+    model: VAE,
+    prior: GaussianMixturePrior | None,
+    data: MNISTData,
+    cache_dir: Path,
+    seed: int = 0,
+    per_class: int = SAMPLES_PER_CLASS,
+    cas_samples: int = CAS_SAMPLES,
+    epochs: int = REFERENCE_EPOCHS,
+) -> dict[str, Any]:
+    """The metrics.json section: samples from the served prior (the fitted one when given)
+    and, for comparison, from N(0, I), judged by the reference classifier; CAS of the served
+    prior; each next to its target. `epochs` of the judge's and CAS's recipe (fewer in tests)."""
+    judge, record = reference_classifier(cache_dir, data, seed, model.device, epochs)
+    report: dict[str, Any] = {"judge": record, "compared_with": "test split", "seed": seed}
+    served = judge_samples(model, prior, judge, data, per_class, seed)
+    report["served"] = served
+    if prior is not None:
+        report["standard"] = judge_samples(model, None, judge, data, per_class, seed)
+    logger.info("training the CAS classifier on %d generated digits", cas_samples)
+    cas = classification_accuracy_score(model, prior, data, seed, cas_samples, epochs)
+    report["cas"] = {
+        "accuracy": cas,
+        "generated_digits": cas_samples,
+        "real_training_digits_accuracy": record["test_accuracy"],
+    }
+    values = {
+        "accuracy": served["accuracy"],
+        "fd_ratio": served["fd_ratio"],
+        "diversity_ratio": served["diversity_ratio"],
+        "cas": cas,
+    }
+    report["targets"] = {
+        name: {
+            "value": values[name],
+            "target": target,
+            "met": values[name] <= target if name == "fd_ratio" else values[name] >= target,
+        }
+        for name, target in TARGETS.items()
+    }
+    return report
+
+
+@torch.no_grad()
 def compare_sample_quality(
     adversarial: VAE,
     plain: VAE,
@@ -224,14 +379,20 @@ def compare_sample_quality(
     per_class: int,
     seed: int,
     cache_dir: Path,
+    priors: tuple[GaussianMixturePrior | None, GaussianMixturePrior | None] = (None, None),
+    epochs: int = REFERENCE_EPOCHS,
 ) -> dict[str, Any]:
-    """Sample quality of the adversarial VAE and the plain one, judged by the adversarial run's
-    own classifier C and by the independent reference classifier; the metrics.json section."""
+    """Sample quality of the adversarial VAE and the plain one (each from its prior in
+    `priors`, N(0, I) where None), judged by the adversarial run's own classifier C and by the
+    independent judge; the metrics.json section of an adversarial run."""
     device = adversarial.device
-    reference, reference_record = reference_classifier(cache_dir, data, seed, device)
-    test_images = to_float(data.test.images)
+    reference, reference_record = reference_classifier(cache_dir, data, seed, device, epochs)
+    test_images = to_float(data.test.images).to(device)
     train_images = to_float(data.train.images[first_per_class(data.train.labels, per_class)])
-    judges = {"reference_classifier": reference, "adversary_classifier": adversary_classifier}
+    judges: dict[str, Judge] = {
+        "reference_classifier": reference,
+        "adversary_classifier": adversary_classifier,
+    }
     real_features = {name: classify(judge, test_images)[1] for name, judge in judges.items()}
     report: dict[str, Any] = {
         "samples_per_class": per_class,
@@ -242,16 +403,19 @@ def compare_sample_quality(
         # The floor: real training digits, as many of each as there are samples, against the
         # test digits (the estimate is biased upwards for small samples, so compare like sizes).
         "train_split_frechet_distance": {
-            name: frechet_distance(classify(judge, train_images)[1], real_features[name])
+            name: frechet_distance(classify(judge, train_images.to(device))[1], real_features[name])
             for name, judge in judges.items()
         },
     }
-    for name, model in (("adversarial", adversarial), ("plain", plain)):
-        images, labels = samples_per_class(model, per_class, seed)
+    for (name, model), prior in zip(
+        (("adversarial", adversarial), ("plain", plain)), priors, strict=True
+    ):
+        images, labels = samples_per_class(model, per_class, seed, prior=prior)
         report[name] = {
             judge_name: quality(judge, images, labels, real_features[judge_name])
             for judge_name, judge in judges.items()
         }
+        report[name]["prior"] = "standard" if prior is None else "fitted"
     ours, theirs = (
         report["adversarial"]["reference_classifier"],
         report["plain"]["reference_classifier"],

@@ -114,6 +114,7 @@ async def anomaly_score(
         if heatmap
         else [None] * len(x)
     )
+    names = entry.model.config.anomaly_statistics
     items = []
     for i, score in enumerate(out["score"].tolist()):
         histogram.observe(score)
@@ -125,6 +126,7 @@ async def anomaly_score(
                 "digit": int(out["digit"][i]) if "digit" in out else None,
                 "digit_probability": float(out["digit_probability"][i]) if "digit" in out else None,
                 "heatmap": heatmaps[i],
+                "components": dict(zip(names, out["statistics"][i].tolist(), strict=True)),
             }
         )
     kind = str(entry.metadata.get("anomaly", {}).get("score_kind", "unknown"))

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import BadRequest, InvalidInput
 from app.imaging import decode_base64_image
 from app.inference import one_hot
-from app.predict import Endpoint, Generated, draw_seed
+from app.predict import Endpoint, Generated, PriorName, draw_seed
 from app.responses import image_response
 from app.routes import error_responses, image_content
 from app.schemas import (
@@ -37,6 +37,13 @@ SeedQuery = Annotated[
     Query(ge=0, le=2**63 - 1, description="Makes the response reproducible; drawn if omitted."),
 ]
 DigitQuery = Annotated[int | None, Query(ge=0, le=9, description="Digit (conditional models).")]
+PriorQuery = Annotated[
+    PriorName | None,
+    Query(
+        description="Where z is drawn from: `fitted`, the checkpoint's Gaussian mixture of real "
+        "digits' latents (the default when it has one), or `standard`, N(0, I)."
+    ),
+]
 Invert = Annotated[bool, Query(description="Flip black-on-white input to white-on-black.")]
 GENERATED = {
     **image_content(GeneratedJSON),
@@ -53,9 +60,11 @@ async def _respond(
     request: Request, model: str, generated: Generated, seed: int, nrow: int
 ) -> Response:
     meta = {"model": model, "seed": seed, "digits": generated.digits}
-    return await image_response(
-        request, generated.images, nrow=nrow, meta=meta, headers={"X-Seed": str(seed)}
-    )
+    headers = {"X-Seed": str(seed)}
+    if generated.prior is not None:
+        meta["prior"] = generated.prior
+        headers["X-Prior"] = generated.prior
+    return await image_response(request, generated.images, nrow=nrow, meta=meta, headers=headers)
 
 
 @router.post("/sample", responses=GENERATED)
@@ -68,11 +77,12 @@ async def sample(
     temperature: Temperature = 1.0,
     seed: SeedQuery = None,
     nrow: Nrow = 8,
+    prior: PriorQuery = None,
 ) -> Response:
     """Draw n images from the prior, of one digit or (conditional models) of random digits."""
     _check_count(n, state.settings.max_samples)
     seed = draw_seed() if seed is None else seed
-    generated = await handle.sample(n, digit, temperature, seed)
+    generated = await handle.sample(n, digit, temperature, seed, prior)
     return await _respond(request, handle.name, generated, seed, nrow)
 
 
@@ -138,19 +148,20 @@ async def interpolate(
 
     start = await run_in_threadpool(endpoint, body.start)
     end = await run_in_threadpool(endpoint, body.end)
-    generated = await handle.interpolate(start, end, body.steps, body.method, seed)
+    generated = await handle.interpolate(start, end, body.steps, body.method, seed, body.prior)
     meta = {
         "model": handle.name,
         "seed": seed,
         "digits": generated.digits,
         "latents": generated.latents.tolist(),
+        "prior": generated.prior,
     }
     return await image_response(
         request,
         generated.images,
         nrow=body.steps,
         meta=meta,
-        headers={"X-Seed": str(seed)},
+        headers={"X-Seed": str(seed), "X-Prior": str(generated.prior)},
         gif=True,
     )
 

@@ -130,6 +130,7 @@ async function sample() {
       nrow: SAMPLE_ROW,
       digit: $("sample-digit").disabled ? "" : $("sample-digit").value,
       seed: $("sample-seed").value.trim(),
+      prior: $("sample-prior").value,
     },
   });
   const image = $("sample-image");
@@ -137,7 +138,9 @@ async function sample() {
   image.src = URL.createObjectURL(await response.blob());
   if (old.startsWith("blob:")) URL.revokeObjectURL(old);
   image.hidden = false;
-  $("sample-caption").textContent = `seed ${response.headers.get("X-Seed")}`;
+  const prior = response.headers.get("X-Prior");
+  $("sample-caption").textContent =
+    `seed ${response.headers.get("X-Seed")}` + (prior ? ` · ${prior} prior` : "");
 }
 
 // ---- interpolation --------------------------------------------------------------------------
@@ -583,7 +586,11 @@ function wire() {
     if (file) analyse(file, $("upload-invert").checked);
   });
 
-  guarded(null, $("global-error"), loadModels);
+  // A grid as soon as the page opens: the models first, then one sample of the default.
+  guarded(null, $("global-error"), async () => {
+    await loadModels();
+    await guarded(null, $("sample-error"), sample);
+  });
   pollMetrics();
   setInterval(pollMetrics, METRICS_POLL_MS);
 }

@@ -260,14 +260,35 @@ def test_interpolate_between_digits_blends_labels(client: TestClient) -> None:
     response = client.post("/interpolate", json=body, headers=JSON_ACCEPT)
     payload = response.json()
     assert payload["seed"] == 8 and response.headers["x-seed"] == "8"
+    assert payload["prior"] == "fitted" and response.headers["x-prior"] == "fitted"
     assert payload["digits"][0] == 1 and payload["digits"][-1] == 7
-    # Digit-only ends share one prior z: the label alone moves.
-    latents = np.array(payload["latents"])
-    assert latents.shape == (5, len(latents[0]))
-    np.testing.assert_allclose(latents, np.broadcast_to(latents[0], latents.shape), atol=1e-6)
+    # Digit-only ends share one noise vector, placed by each digit's fitted mixture.
+    prior = client.app.state.service.registry.get(None).prior  # type: ignore[attr-defined]
+    generator = torch.Generator().manual_seed(8)
+    noise = torch.randn(1, len(payload["latents"][0]), generator=generator)
+    one = prior.sample(torch.tensor([1]), 1.0, generator, noise)[0]
+    seven = prior.sample(torch.tensor([7]), 1.0, generator, noise)[0]
+    latents = torch.tensor(payload["latents"])
+    assert latents.shape == (5, len(one))
+    torch.testing.assert_close(latents[0], one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(latents[-1], seven, atol=1e-5, rtol=0)
     images = [decode_b64_png(s) for s in payload["images"]]
     predictions = predicted_digits(client, [images[0], images[-1]])
     assert predictions == [1, 7]
+
+
+def test_interpolate_between_digits_from_the_standard_prior_moves_the_label_alone(
+    client: TestClient,
+) -> None:
+    body = {"start": {"digit": 1}, "end": {"digit": 7}, "steps": 5, "seed": 8}
+    payload = client.post(
+        "/interpolate", json={**body, "prior": "standard"}, headers=JSON_ACCEPT
+    ).json()
+    assert payload["prior"] == "standard"
+    # Both ends are the one N(0, I) draw of the seed, as before fitted priors existed.
+    shared = torch.randn(len(payload["latents"][0]), generator=torch.Generator().manual_seed(8))
+    latents = np.array(payload["latents"])
+    np.testing.assert_allclose(latents, np.broadcast_to(shared.numpy(), latents.shape), atol=1e-6)
 
 
 def test_interpolate_frames_start_and_end_at_the_given_latents(

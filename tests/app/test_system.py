@@ -212,7 +212,12 @@ def test_bad_request_reason_on_the_unconditional_model(multi_client: TestClient)
 
 @pytest.mark.parametrize(
     ("op", "path", "images"),
-    [("decode", "/sample", 5), ("encode", "/encode", 3), ("reconstruct", "/reconstruct", 2)],
+    [
+        ("sample", "/sample", 5),
+        ("decode", "/sample prior=standard", 4),
+        ("encode", "/encode", 3),
+        ("reconstruct", "/reconstruct", 2),
+    ],
 )
 def test_inference_and_batch_size_histograms(
     client: TestClient, mnist_test: MnistTest, model_name: str, op: str, path: str, images: int
@@ -222,8 +227,10 @@ def test_inference_and_batch_size_histograms(
     batched_images = metric(client, "vae_batch_size_sum", labels)
     passes = metric(client, "vae_inference_duration_seconds_count", labels)
     seconds = metric(client, "vae_inference_duration_seconds_sum", labels)
-    if op == "decode":
-        response = client.post(path, params={"n": images})
+    if op in ("sample", "decode"):
+        # The fitted prior's draws go through the digit-checking "sample" op; N(0, I) decodes.
+        route, _, prior = path.partition(" prior=")
+        response = client.post(route, params={"n": images, **({"prior": prior} if prior else {})})
     else:
         uploads = [png_of(image) for image in mnist_test[0][:images]]
         response = client.post(path, files=files(*uploads))

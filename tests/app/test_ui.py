@@ -17,7 +17,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from app.routes.ui import STATIC_DIR
 
@@ -139,16 +139,22 @@ def test_the_page_works_in_a_real_browser(
     wait_for(browser, "return document.getElementById('model').options.length > 0")
     assert "conditional" in text_of(browser, "model-info")
 
-    # Sample: a grid of 16 digits, 8 a row, appears.
-    browser.find_element(By.ID, "sample-seed").send_keys("7")
-    browser.find_element(By.ID, "sample-button").click()
-    size = wait_for(
-        browser,
+    # A grid of 16 digits, 8 a row, is there as soon as the page opens, from the fitted prior.
+    grid_loaded = (
         "const img = document.getElementById('sample-image');"
-        "return img.complete && img.naturalWidth > 0 && [img.naturalWidth, img.naturalHeight];",
+        "return img.complete && img.naturalWidth > 0 && [img.naturalWidth, img.naturalHeight];"
     )
-    assert tuple(size) == GRID_PX
-    assert text_of(browser, "sample-caption") == "seed 7"
+    assert tuple(wait_for(browser, grid_loaded)) == GRID_PX
+    assert text_of(browser, "sample-caption").endswith(" · fitted prior")
+    first = browser.find_element(By.ID, "sample-image").get_attribute("src")
+
+    # Sample again with a seed and the standard prior: a new grid, and the caption says so.
+    browser.find_element(By.ID, "sample-seed").send_keys("7")
+    Select(browser.find_element(By.ID, "sample-prior")).select_by_value("standard")
+    browser.find_element(By.ID, "sample-button").click()
+    wait_for(browser, "return document.getElementById('sample-image').src !== arguments[0]", first)
+    assert tuple(wait_for(browser, grid_loaded)) == GRID_PX
+    assert text_of(browser, "sample-caption") == "seed 7 · standard prior"
 
     # Interpolate, then step through the frames with the keyboard.
     browser.find_element(By.ID, "interp-button").click()

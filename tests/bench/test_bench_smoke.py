@@ -26,6 +26,7 @@ SERVING_CASES = {
     "sample_rate",
     "sample_n64_c8",
     "anomaly_1_c8",
+    "upload_floor_1_c8",
     "anomaly_16_c8",
 }
 NAIVE_CASES = {"sample_c1", "sample_c32", "sample_c64"}

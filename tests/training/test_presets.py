@@ -23,8 +23,14 @@ def test_default_preset_is_the_conditional_conv_vae_on_mnist_5k() -> None:
     config = TrainConfig.from_preset("default")
     assert config == TrainConfig()
     model = config.model_config()
-    assert (model.architecture, model.hidden_dims, model.latent_dim) == ("conv", (32, 64), 8)
-    assert model.num_classes == 10 and model.likelihood == "bernoulli"
+    assert (model.architecture, model.hidden_dims, model.latent_dim) == ("conv", (32, 64), 24)
+    assert model.num_classes == 10 and model.likelihood == "bernoulli" and model.digit_head
+    assert model.anomaly_statistics == (
+        "log_squared_error",
+        "log_local_error",
+        "reconstruction_ink",
+    )
+    assert config.sample_quality and config.judge_epochs == 10
     assert (config.dataset, config.epochs, config.batch_size, config.lr) == (
         "mnist-5k",
         50,

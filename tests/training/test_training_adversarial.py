@@ -297,7 +297,7 @@ def test_a_short_run_reports_sample_quality_of_both_models(
 ) -> None:
     result, _ = adversarial_run
     metadata = json.loads((result.checkpoint / "config.json").read_text())
-    quality = metadata["metrics"]["sample_quality"]
+    quality = metadata["metrics"]["adversarial_comparison"]
     assert (
         json.loads((result.checkpoint / "metrics.json").read_text())["metrics"]
         == (metadata["metrics"])
