@@ -17,6 +17,7 @@ from app.main import create_app
 from app.registry import Registry
 from app.settings import Settings, SettingsError
 from models import CheckpointError
+from models.checkpoint import recover_checkpoints
 
 logger = logging.getLogger("app")
 
@@ -49,6 +50,7 @@ def _fail(message: str) -> int:
 
 def _train_default(settings: Settings) -> None:
     target = Path(settings.checkpoints.split(",")[0].strip()).expanduser()
+    recover_checkpoints(target)  # a save killed midway may have left the folder missing
     if (target / "config.json").is_file() or (
         target.is_dir() and any((child / "config.json").is_file() for child in target.iterdir())
     ):
