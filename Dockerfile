@@ -4,8 +4,9 @@
 # Base: the official PyTorch runtime image, pinned by tag, for both stages.
 # - It ships torch 2.8.0 and torchvision 0.23 built against CUDA 12.8 and cuDNN 9, so the GPU
 #   stack comes ready-made and tested together; the host needs only the NVIDIA driver (R570 or
-#   newer for CUDA 12.8) and the NVIDIA Container Toolkit. On a host without a GPU the same
-#   image runs on CPU (VAE_DEVICE=auto falls back and logs it).
+#   newer for CUDA 12.8) and the NVIDIA Container Toolkit. Its kernels need a GPU of compute
+#   capability 7.0 or newer (no Maxwell or Pascal). On a host without such a GPU the same image
+#   runs on CPU (VAE_DEVICE=auto checks the GPU, falls back and logs why).
 # - "runtime", not "devel": the service compiles nothing, and devel adds gigabytes of toolkit.
 # - torch 2.8.0 satisfies pyproject's torch>=2.3,<2.15 (and torchvision 0.23 its
 #   torchvision>=0.18,<0.30), so pip keeps the base's CUDA build instead of downloading another
