@@ -140,6 +140,11 @@ class Settings(BaseSettings):
             )
         return level
 
+    @property
+    def shutdown_drain_s(self) -> int:
+        """Longest a stop waits for the requests in flight: their deadline, and a second."""
+        return int(self.request_timeout_s) + 1
+
     def checkpoint_dirs(self) -> list[Path]:
         """Expand `checkpoints` into checkpoint folders, in the order given.
 
