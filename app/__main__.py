@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         "port": settings.port,
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": settings.shutdown_drain_s,
-        # Past this many open connections plus tasks, uvicorn answers 503 by itself: idle or
-        # slow clients cannot make the server hold unbounded uploads and tasks.
-        "limit_concurrency": settings.max_concurrency,
+        # No limit_concurrency: the app caps requests in progress itself (VAE_MAX_CONCURRENCY,
+        # app.middleware.ConcurrencyLimitMiddleware), where its 503s are counted. uvicorn's cap
+        # answered before the app, invisibly, and counted idle keep-alive connections too, so
+        # enough idle ones made it refuse every request, scrapes and probes included.
     }
     if settings.workers == 1:
         uvicorn.run(create_app(settings, registry), **common)  # type: ignore[arg-type]

@@ -80,9 +80,9 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(
         default=256,
         gt=0,
-        description="Open connections plus requests in progress per worker past which new "
-        "requests are answered 503 (uvicorn's limit_concurrency); bounds the memory that "
-        "uploads in flight can hold.",
+        description="Requests in progress per worker past which new ones are answered 503 "
+        "(counted in the metrics; /healthz, /readyz and /metrics get a small reserve beyond "
+        "it); bounds the memory that uploads in flight can hold.",
     )
     workers: int = Field(default=1, gt=0, description="Server worker processes.")
     torch_threads: int | None = Field(
