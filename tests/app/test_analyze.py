@@ -19,6 +19,7 @@ from app_testing import (
     mse,
     pixels,
     png_of,
+    unit,
 )
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -312,3 +313,26 @@ def test_anomaly_histogram_counts_every_scored_image(
     assert metric(client, "vae_anomaly_score_count", labels) == before + 3
     observed = metric(client, "vae_anomaly_score_sum", labels) - total_before
     assert observed == pytest.approx(sum(item["score"] for item in body["items"]), rel=1e-6)
+
+
+def test_each_heatmap_is_the_squared_error_of_its_own_reconstruction(
+    client: TestClient, mnist_test: MnistTest
+) -> None:
+    # The heatmap of upload i is (x_i - reconstruction_i)^2 scaled to its maximum, with the
+    # reconstruction /reconstruct returns for it: not another image's, nor another quantity.
+    images, _ = mnist_test
+    uploads = [png_of(images[i]) for i in (40, 400, 800)]
+    maps = [
+        decode_b64_png(item["heatmap"]).astype(np.float64)
+        for item in score(client, *uploads, heatmap="true")["items"]
+    ]
+    reconstructed = client.post("/reconstruct", files=files(*uploads), headers=JSON_ACCEPT)
+    expected = []
+    for upload, item in zip(uploads, reconstructed.json()["items"], strict=True):
+        error = (unit(pixels(upload)) - unit(decode_b64_png(item["image"]))) ** 2
+        expected.append(255 * error / error.max())
+    for i, heatmap in enumerate(maps):
+        differences = [float(np.abs(heatmap - e).mean()) for e in expected]
+        # The reconstruction PNG is rounded to 8 bits: a grey level or two on average.
+        assert differences[i] < 2, differences
+        assert all(d > 5 * differences[i] for j, d in enumerate(differences) if j != i)
