@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -83,16 +82,8 @@ def test_the_real_writer_leaves_an_event_file_tensorboard_reads(tmp_path: Path) 
     assert all(e.encoded_image_string.startswith(b"\x89PNG") for e in samples)
 
 
-def test_missing_tensorboard_says_how_to_install_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Whether or not it is installed here (it is in CI): as if it were not.
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *args: None if name == "tensorboard" else find_spec(name, *args),
-    )
+@pytest.mark.usefixtures("no_tensorboard")
+def test_missing_tensorboard_says_how_to_install_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         require_tensorboard()
     with pytest.raises(ConfigError, match="pip install tensorboard"):
