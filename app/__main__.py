@@ -18,6 +18,7 @@ from app.registry import Registry, resolve_device
 from app.settings import Settings, SettingsError
 from models import CheckpointError
 from models.checkpoint import recover_checkpoints
+from training.presets import PRESETS
 
 logger = logging.getLogger("app")
 
@@ -43,6 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--train-preset",
         default="default",
+        choices=sorted(PRESETS),
         help="the preset --train-if-missing trains (default: default; tiny takes seconds)",
     )
     return parser.parse_args(argv)

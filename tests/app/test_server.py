@@ -234,3 +234,15 @@ def test_sigterm_during_first_start_training_stops_it_cleanly(tmp_path: Path) ->
     assert not (target / "config.json").exists()
     assert load_checkpoint(target / "train_state" / "last").metadata["training"]["epoch"] >= 1
     assert list(tmp_path.rglob("*staging*")) == []
+
+
+def test_an_unknown_train_preset_is_refused_before_anything_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from app.__main__ import _parse
+
+    with pytest.raises(SystemExit) as exited:
+        _parse(["--train-if-missing", "--train-preset", "huge"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+    assert _parse(["--train-preset", "tiny"]).train_preset == "tiny"
