@@ -4,8 +4,9 @@
 # Base: the official PyTorch runtime image, pinned by tag, for both stages.
 # - It ships torch 2.8.0 and torchvision 0.23 built against CUDA 12.8 and cuDNN 9, so the GPU
 #   stack comes ready-made and tested together; the host needs only the NVIDIA driver (R570 or
-#   newer for CUDA 12.8) and the NVIDIA Container Toolkit. On a host without a GPU the same
-#   image runs on CPU (VAE_DEVICE=auto falls back and logs it).
+#   newer for CUDA 12.8) and the NVIDIA Container Toolkit. Its kernels need a GPU of compute
+#   capability 7.0 or newer (no Maxwell or Pascal). On a host without such a GPU the same image
+#   runs on CPU (VAE_DEVICE=auto checks the GPU, falls back and logs why).
 # - "runtime", not "devel": the service compiles nothing, and devel adds gigabytes of toolkit.
 # - torch 2.8.0 satisfies pyproject's torch>=2.3,<2.15 (and torchvision 0.23 its
 #   torchvision>=0.18,<0.30), so pip keeps the base's CUDA build instead of downloading another
@@ -47,13 +48,13 @@ FROM ${BASE_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="vae-serve" \
       org.opencontainers.image.description="Variational autoencoders trained on MNIST, served over HTTP"
 
-# A fixed numeric uid so orchestrators can check runAsNonRoot. /checkpoints belongs to it:
-# Docker copies that ownership into an empty named volume mounted there, so the trainer (and
-# the api's first-start training) can write checkpoints.
+# A fixed numeric uid so orchestrators can check runAsNonRoot. /checkpoints and /data belong
+# to it: Docker copies that ownership into an empty named volume mounted there, so the trainer
+# (and the api's first-start training) can write checkpoints, and download MNIST into /data.
 RUN groupadd --system --gid 10001 vae \
     && useradd --system --uid 10001 --gid vae --create-home --home-dir /home/vae vae \
-    && mkdir -p /checkpoints \
-    && chown vae:vae /checkpoints
+    && mkdir -p /checkpoints /data \
+    && chown vae:vae /checkpoints /data
 
 COPY --from=build /opt/venv /opt/venv
 
@@ -73,7 +74,11 @@ EXPOSE 8000
 
 # Healthy means ready (all models loaded), not merely alive. The base image has no curl, and
 # Python's urllib needs nothing extra: urlopen raises on a 503, so the check exits non-zero.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+# The start period is compose's: a first start with --train-if-missing trains before anything
+# listens (minutes on a CPU); the first passing check ends it early.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20m --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('VAE_PORT', '8000'), timeout=4)"]
 
+# Run it with an init (`docker run --init`, compose's `init: true`): Python as PID 1 would
+# ignore SIGTERM until it installs its handler.
 CMD ["python", "-m", "app"]

@@ -14,9 +14,11 @@ import uvicorn
 from pydantic import ValidationError
 
 from app.main import create_app
-from app.registry import Registry
+from app.registry import Registry, resolve_device
 from app.settings import Settings, SettingsError
 from models import CheckpointError
+from models.checkpoint import recover_checkpoints
+from training.presets import PRESETS
 
 logger = logging.getLogger("app")
 
@@ -36,8 +38,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--train-if-missing",
         action="store_true",
-        help="when the (first) checkpoint folder holds no checkpoint, train the default "
-        "preset into it on the embedded dataset first",
+        help="when the (first) checkpoint folder holds no checkpoint, train a preset into it "
+        "first, on VAE_DEVICE; SIGTERM meanwhile stops the training cleanly",
+    )
+    parser.add_argument(
+        "--train-preset",
+        default="default",
+        choices=sorted(PRESETS),
+        help="the preset --train-if-missing trains (default: default; tiny takes seconds)",
     )
     return parser.parse_args(argv)
 
@@ -47,18 +55,45 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _train_default(settings: Settings) -> None:
+class TrainingStopped(BaseException):
+    """SIGTERM arrived during first-start training. A BaseException, like KeyboardInterrupt, so
+    that no `except Exception` on the way swallows it, while every cleanup (a checkpoint save
+    in progress is undone) still runs."""
+
+
+def _stop_training(signum: int, frame: FrameType | None) -> None:
+    # Once: a second SIGTERM must not interrupt the cleanup of the first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise TrainingStopped
+
+
+def _train_if_missing(settings: Settings, preset: str) -> None:
+    """Train `preset` into the first checkpoint folder unless it (or a subfolder) holds a
+    checkpoint. SIGTERM meanwhile raises TrainingStopped in the training."""
     target = Path(settings.checkpoints.split(",")[0].strip()).expanduser()
+    recover_checkpoints(target)  # a save killed midway may have left the folder missing
     if (target / "config.json").is_file() or (
-        target.is_dir() and any((child / "config.json").is_file() for child in target.iterdir())
+        target.is_dir()
+        and any(
+            (child / "config.json").is_file() and not child.name.startswith(".")
+            for child in target.iterdir()
+        )
     ):
         return
-    logger.info("no checkpoint in %s: training the default preset into it first", target)
+    device = resolve_device(settings.device)  # a device that cannot serve fails before training
+    logger.info(
+        "no checkpoint in %s: training the %s preset into it first, on %s", target, preset, device
+    )
     from training.cli import main as train
 
-    code = train(["--preset", "default", "--out", str(target), "--no-progress"])
+    argv = ["--preset", preset, "--out", str(target), "--device", str(device)]
+    previous = signal.signal(signal.SIGTERM, _stop_training)
+    try:
+        code = train([*argv, "--no-progress"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if code:
-        raise SettingsError(f"training the default model into {target} failed (exit {code})")
+        raise SettingsError(f"training the {preset} model into {target} failed (exit {code})")
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -70,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         key: value
         for key, value in vars(args).items()
-        if value is not None and key != "train_if_missing"
+        if value is not None and key not in ("train_if_missing", "train_preset")
     }
     # Flags become environment variables so that worker processes see them too.
     for key, value in overrides.items():
@@ -88,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.train_if_missing:
-            _train_default(settings)
+            _train_if_missing(settings, args.train_preset)
         registry = Registry.load(settings)
     except (SettingsError, CheckpointError) as exc:
         return _fail(str(exc))
+    except TrainingStopped:
+        # A requested stop, like SIGTERM while serving: exit 0. Whatever was saved is whole.
+        logger.info("SIGTERM: stopped the first-start training; the next start trains again")
+        return 0
     # uvicorn stops gracefully on SIGTERM, then re-raises it to the handler it found: make
     # that handler exit 0, the status of a requested stop, instead of dying by the signal.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -99,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "timeout_graceful_shutdown": int(settings.request_timeout_s) + 1,
-        # Past this many open connections plus tasks, uvicorn answers 503 by itself: idle or
-        # slow clients cannot make the server hold unbounded uploads and tasks.
-        "limit_concurrency": settings.max_concurrency,
+        "timeout_graceful_shutdown": settings.shutdown_drain_s,
+        # No limit_concurrency: the app caps requests in progress itself (VAE_MAX_CONCURRENCY,
+        # app.middleware.ConcurrencyLimitMiddleware), where its 503s are counted. uvicorn's cap
+        # answered before the app, invisibly, and counted idle keep-alive connections too, so
+        # enough idle ones made it refuse every request, scrapes and probes included.
     }
     if settings.workers == 1:
         uvicorn.run(create_app(settings, registry), **common)  # type: ignore[arg-type]

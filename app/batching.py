@@ -77,20 +77,24 @@ class MicroBatcher:
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop())
 
-    async def stop(self) -> None:
-        """Refuse new jobs, let queued and running ones finish (for at most the request
-        timeout, after which their callers have given up anyway), then stop the worker."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Refuse new jobs, let queued and running ones finish for at most `timeout_s` (default:
+        the request timeout, after which their callers have given up anyway), then stop the
+        worker and answer what is left with ShuttingDown."""
         self._stopping = True
         in_flight = [j.future for j in (*self._running, *self._pending) if not j.future.done()]
         if in_flight and self._worker is not None and not self._worker.done():
-            _, unfinished = await asyncio.wait(in_flight, timeout=self._timeout)
+            drain = self._timeout if timeout_s is None else timeout_s
+            _, unfinished = await asyncio.wait(in_flight, timeout=drain)
             if unfinished:
                 logger.warning("stopping %r with %d job(s) unfinished", self.name, len(unfinished))
+        # Taken before the worker is cancelled: cancelling it clears the running pass's jobs.
+        left = [*self._running, *self._pending]
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        for job in (*self._running, *self._pending):
+        for job in (*left, *self._pending):
             if not job.future.done():
                 job.future.set_exception(ShuttingDown("the server is shutting down; retry"))
         self._pending.clear()

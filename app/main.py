@@ -25,6 +25,7 @@ from app.metrics import Metrics
 from app.middleware import (
     BodySizeLimitMiddleware,
     BodyTimeoutMiddleware,
+    ConcurrencyLimitMiddleware,
     FaultInjectionMiddleware,
     MetricsMiddleware,
 )
@@ -36,6 +37,9 @@ from app.state import ServiceState
 logger = logging.getLogger("app")
 MAX_REPORTED_ERRORS = 20
 MAX_ECHOED_ITEMS, MAX_ECHOED_DEPTH, MAX_ECHOED_CHARS = 16, 4, 256
+# Requests to /healthz, /readyz and /metrics answered past VAE_MAX_CONCURRENCY: enough for
+# the probes and a scrape or two at once, while a flood of them stays bounded.
+OPERATIONS_RESERVE = 16
 
 
 def _batcher(entry: LoadedModel, settings: Settings, metrics: Metrics) -> MicroBatcher:
@@ -114,6 +118,12 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     if settings.enable_test_hooks:
         logger.warning("test hooks are on: X-Test-Fault headers make requests fail on purpose")
         app.add_middleware(FaultInjectionMiddleware)
+    app.add_middleware(
+        ConcurrencyLimitMiddleware,
+        limit=settings.max_concurrency,
+        reserve=OPERATIONS_RESERVE,
+        metrics=state.metrics,
+    )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
 

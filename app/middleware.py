@@ -1,4 +1,5 @@
-"""ASGI middleware: request metrics by route template, body size and pace limits, test faults."""
+"""ASGI middleware: request metrics by route template, the concurrency cap, body size and pace
+limits, test faults."""
 
 from __future__ import annotations
 
@@ -72,6 +73,50 @@ def _match_template(routes: list[Any], scope: Scope) -> str:
             if match == Match.FULL:
                 return str(candidate.path)
     return "unmatched"
+
+
+# Probes and scrapes: answered within a reserve above the cap, so that an overloaded server
+# still reports its health and the metrics that show the overload.
+OPERATIONS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class ConcurrencyLimitMiddleware:
+    """503 for a request that arrives while `limit` requests are in progress (VAE_MAX_CONCURRENCY)
+    or, for the operations paths, `limit + reserve`. Installed inside MetricsMiddleware, so each
+    refusal is timed by route and counted in vae_requests_rejected_total{reason="concurrency"}:
+    the error ratio sees saturation (uvicorn's own limit_concurrency answered before the app, so
+    its 503s were counted nowhere, and its connection count 503'd scrapes too)."""
+
+    def __init__(self, app: ASGIApp, *, limit: int, reserve: int, metrics: Metrics) -> None:
+        self.app = app
+        self.limit = limit
+        self.reserve = reserve
+        self.metrics = metrics
+        self.in_progress = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cap = self.limit + (self.reserve if scope["path"] in OPERATIONS_PATHS else 0)
+        if self.in_progress >= cap:
+            self.metrics.requests_rejected.labels("concurrency").inc()
+            response = JSONResponse(
+                {
+                    "detail": f"the server is at its limit of {self.limit} requests in progress "
+                    "(VAE_MAX_CONCURRENCY); retry shortly"
+                },
+                status_code=503,
+                # The body is never read, so the connection cannot carry another request.
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
+            await response(scope, receive, send)
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
 
 
 class BodySizeLimitMiddleware:

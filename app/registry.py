@@ -12,6 +12,7 @@ import torch
 from app.errors import ModelNotFound
 from app.settings import Settings, SettingsError
 from models import VAE, load_checkpoint
+from models.device import auto_device, cuda_problem
 from models.index import LatentIndex, load_index
 from models.prior import PRIOR_FILE, GaussianMixturePrior, checkpoint_prior
 
@@ -19,9 +20,13 @@ logger = logging.getLogger("app.registry")
 
 
 def resolve_device(requested: str) -> torch.device:
-    """`auto` -> the first GPU when one is visible, else the CPU; an explicit GPU must exist."""
+    """`auto` -> the first GPU when this torch build runs on it, else the CPU (the log says
+    why); an explicit GPU must exist and be one the build runs on."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device, problem = auto_device()
+        if problem is not None:
+            logger.warning("VAE_DEVICE=auto: serving on the CPU instead of the GPU: %s", problem)
+        return device
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -33,6 +38,9 @@ def resolve_device(requested: str) -> torch.device:
             raise SettingsError(
                 f"VAE_DEVICE={requested} but only {torch.cuda.device_count()} GPU(s) are visible"
             )
+        problem = cuda_problem(index)
+        if problem is not None:
+            raise SettingsError(f"VAE_DEVICE={requested}: {problem}; or use VAE_DEVICE=cpu")
     return device
 
 

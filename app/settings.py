@@ -6,6 +6,8 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.checkpoint import recover_checkpoints
+
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N (N = GPU index)"
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug", "trace")
@@ -78,9 +80,9 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(
         default=256,
         gt=0,
-        description="Open connections plus requests in progress per worker past which new "
-        "requests are answered 503 (uvicorn's limit_concurrency); bounds the memory that "
-        "uploads in flight can hold.",
+        description="Requests in progress per worker past which new ones are answered 503 "
+        "(counted in the metrics; /healthz, /readyz and /metrics get a small reserve beyond "
+        "it); bounds the memory that uploads in flight can hold.",
     )
     workers: int = Field(default=1, gt=0, description="Server worker processes.")
     torch_threads: int | None = Field(
@@ -138,17 +140,25 @@ class Settings(BaseSettings):
             )
         return level
 
+    @property
+    def shutdown_drain_s(self) -> int:
+        """Longest a stop waits for the requests in flight: their deadline, and a second."""
+        return int(self.request_timeout_s) + 1
+
     def checkpoint_dirs(self) -> list[Path]:
         """Expand `checkpoints` into checkpoint folders, in the order given.
 
         A folder holding config.json is one checkpoint; any other folder stands for its
-        immediate subfolders that hold config.json, sorted by name.
+        immediate subfolders that hold config.json, sorted by name (hidden ones, such as the
+        folders of a save in progress, excepted). A save that a kill interrupted is finished
+        first, so its checkpoint is found.
         """
         found: list[Path] = []
         for entry in self.checkpoints.split(","):
             if not entry.strip():
                 continue
             folder = Path(entry.strip()).expanduser()
+            recover_checkpoints(folder)
             if not folder.is_dir():
                 raise SettingsError(
                     f"checkpoint folder {folder} does not exist; train one with vae-train "
@@ -158,7 +168,9 @@ class Settings(BaseSettings):
                 found.append(folder)
                 continue
             children = sorted(
-                child for child in folder.iterdir() if (child / "config.json").is_file()
+                child
+                for child in folder.iterdir()
+                if not child.name.startswith(".") and (child / "config.json").is_file()
             )
             if not children:
                 raise SettingsError(

@@ -171,6 +171,7 @@ class Server:
         """SIGTERM (graceful), then SIGKILL after STOP_TIMEOUT_S; returns the exit status."""
         process, self._process = self._process, None
         if process is None:
+            self._log.close()  # never started (or already stopped)
             return None
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.loadgen import Connection, LoadResult, Request, closed_loop, constant_rate, multipart
-from bench.server import Server
+from bench.server import Server, ServerError
 from models import VAE
 
 MB = 1024 * 1024
@@ -150,13 +150,21 @@ def build_cases(pngs: list[bytes]) -> dict[str, Case]:
 
 
 def _probe(server: Server, case: Case) -> str | None:
-    """None when one request of `case` succeeds; otherwise why the case is skipped."""
-    status = asyncio.run(_send_once(server.port, case.requests[0]))
+    """None when one request of `case` succeeds; why the case is skipped when the service or
+    the checkpoint lacks the feature (404: an older revision, 400: no latent index); a
+    ServerError for any other answer, a 500 above all: a broken endpoint is not a skip."""
+    request = case.requests[0]
+    status = asyncio.run(_send_once(server.port, request))
     if status == 200:
         return None
     if status == 404:
         return "absent (404): this version of the service has no such endpoint"
-    return f"answered {status} (e.g. the checkpoint has no latent index)"
+    if status == 400:
+        return "answered 400: the checkpoint has no latent index"
+    raise ServerError(
+        f"{request.method} {request.target} answered {status} to the probe of {case.name}: the "
+        f"endpoint is broken, not missing; see the server log:\n{server.log_tail()}"
+    )
 
 
 async def _send_once(port: int, request: Request) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
@@ -12,6 +13,7 @@ import torch
 
 from models import VAEConfig
 from models.config import ARCHITECTURES, LIKELIHOODS, Architecture, Likelihood
+from models.device import auto_device, cuda_problem
 from training.data import DATASETS, NUM_CLASSES
 from training.presets import PRESETS
 
@@ -19,6 +21,7 @@ LRSchedule = Literal["cosine", "none"]
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "none")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _DEVICE_HINT = "auto, cpu, cuda or cuda:N (e.g. cuda:0)"
+logger = logging.getLogger(__name__)
 # Fields that define the model: resuming with any of them changed cannot continue the run.
 MODEL_FIELDS = (
     "architecture",
@@ -309,11 +312,15 @@ def unknown_preset_message(name: str) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """ "auto" -> CUDA when present, else CPU; a CUDA device that is not there is a ConfigError."""
+    """ "auto" -> CUDA when this torch build runs on the GPU, else CPU (logged); a CUDA device
+    that is not there, or that the build cannot run on, is a ConfigError."""
     if not _DEVICE_PATTERN.fullmatch(name):
         raise ConfigError(f"invalid device {name!r} (--device): expected {_DEVICE_HINT}")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device, problem = auto_device()
+        if problem is not None:
+            logger.warning("--device auto: training on the CPU instead of the GPU: %s", problem)
+        return device
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -327,6 +334,9 @@ def resolve_device(name: str) -> torch.device:
                 f"{torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
                 f"cuda:{torch.cuda.device_count() - 1}"
             )
+        problem = cuda_problem(device.index or 0)
+        if problem is not None:
+            raise ConfigError(f"device {name!r}: {problem}; or use --device cpu")
     return device
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models import VAE, load_checkpoint, read_metadata
+from models.checkpoint import recover_checkpoint
 from models.prior import PRIOR_FILE, checkpoint_prior
 from training.adversarial import AdversarialObjective
 from training.checkpoints import (
@@ -109,6 +110,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     if config.tensorboard is not None:
         require_tensorboard()
     out_dir = config.out_dir
+    # A final save that a kill interrupted is finished first: it may hold train_state/.
+    recover_checkpoint(out_dir)
     check_output(out_dir, config.tensorboard)
     data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
     resume_point = load_resume_point(out_dir, config) if config.resume else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from app_testing import (
     mse,
     pixels,
     png_of,
+    unit,
 )
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -312,3 +314,83 @@ def test_anomaly_histogram_counts_every_scored_image(
     assert metric(client, "vae_anomaly_score_count", labels) == before + 3
     observed = metric(client, "vae_anomaly_score_sum", labels) - total_before
     assert observed == pytest.approx(sum(item["score"] for item in body["items"]), rel=1e-6)
+
+
+def test_each_heatmap_is_the_squared_error_of_its_own_reconstruction(
+    client: TestClient, mnist_test: MnistTest
+) -> None:
+    # The heatmap of upload i is (x_i - reconstruction_i)^2 scaled to its maximum, with the
+    # reconstruction /reconstruct returns for it: not another image's, nor another quantity.
+    images, _ = mnist_test
+    uploads = [png_of(images[i]) for i in (40, 400, 800)]
+    maps = [
+        decode_b64_png(item["heatmap"]).astype(np.float64)
+        for item in score(client, *uploads, heatmap="true")["items"]
+    ]
+    reconstructed = client.post("/reconstruct", files=files(*uploads), headers=JSON_ACCEPT)
+    expected = []
+    for upload, item in zip(uploads, reconstructed.json()["items"], strict=True):
+        error = (unit(pixels(upload)) - unit(decode_b64_png(item["image"]))) ** 2
+        expected.append(255 * error / error.max())
+    for i, heatmap in enumerate(maps):
+        differences = [float(np.abs(heatmap - e).mean()) for e in expected]
+        # The reconstruction PNG is rounded to 8 bits: a grey level or two on average.
+        assert differences[i] < 2, differences
+        assert all(d > 5 * differences[i] for j, d in enumerate(differences) if j != i)
+
+
+def test_an_uncalibrated_checkpoint_answers_400_with_the_fix(
+    trained_checkpoint: Path, mnist_test: MnistTest
+) -> None:
+    # The per-epoch checkpoints in train_state/ are saved before the anomaly calibration.
+    from app.main import create_app
+    from app.settings import Settings
+
+    uncalibrated = trained_checkpoint / "train_state" / "best"
+    with TestClient(create_app(Settings(checkpoints=str(uncalibrated), device="cpu"))) as client:
+        images, _ = mnist_test
+        response = client.post("/anomaly-score", files=files(png_of(images[0])))
+        assert response.status_code == 400
+        detail = response.json()["detail"]
+        assert "has no anomaly calibration" in detail and "retrain it with vae-train" in detail
+        assert metric(client, "vae_requests_rejected_total", {"reason": "bad_request"}) == 1
+        # The rest of the model is served.
+        assert client.post("/encode", files=files(png_of(images[0]))).status_code == 200
+
+
+def photo_patches(count_per_photo: int = 8, side: int = 112) -> list[torch.Tensor]:
+    """Grayscale patches of the two natural photos scikit-learn ships (a temple, a flower),
+    side x side pixels at seeded places, scaled to 28x28 like any upload: (1, 28, 28) each."""
+    from sklearn.datasets import load_sample_images
+
+    generator = np.random.default_rng(0)
+    patches = []
+    for photo in load_sample_images().images:
+        gray = Image.fromarray(photo).convert("L")
+        for _ in range(count_per_photo):
+            top = int(generator.integers(0, gray.height - side))
+            left = int(generator.integers(0, gray.width - side))
+            patch = gray.crop((left, top, left + side, top + side)).resize((28, 28))
+            patches.append(torch.from_numpy(np.asarray(patch, dtype=np.float32) / 255)[None])
+    return patches
+
+
+def test_photo_patches_and_constant_images_score_above_real_digits(
+    client: TestClient, mnist_test: MnistTest
+) -> None:
+    # What the README says of the typicality score, on the small test model: every photo
+    # patch and constant grey image scores above the typical real digit, and most of each
+    # kind above the calibrated threshold (the default model separates them further).
+    images, _ = mnist_test
+    digits = score(client, *(png_of(images[i]) for i in range(0, 1000, 20)))
+    typical_digit = float(np.median([item["score"] for item in digits["items"]]))
+    kinds = {
+        "photo patch": photo_patches(),
+        "constant": [torch.full((1, 28, 28), level) for level in (0.1, 0.25, 0.5, 0.75, 0.9)],
+    }
+    for kind, uploads in kinds.items():
+        body = score(client, *(png_of(upload) for upload in uploads))
+        scores = [item["score"] for item in body["items"]]
+        assert min(scores) > typical_digit, (kind, scores, typical_digit)
+        assert float(np.median(scores)) > body["threshold"], (kind, scores, body["threshold"])
+        assert sum(item["is_anomaly"] for item in body["items"]) >= 0.6 * len(uploads), kind

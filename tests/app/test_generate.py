@@ -406,3 +406,49 @@ def test_variations_seed_is_reproducible(client: TestClient, mnist_test: MnistTe
     assert again.content == drawn.content
     other = client.post("/variations", files=upload, params={"n": 4, "seed": int(seed) + 1})
     assert other.content != drawn.content
+
+
+# ---- the noise behind /sample and /variations, reproduced through /decode ------------------
+
+
+def decoded(client: TestClient, z: torch.Tensor, digit: int) -> list[np.ndarray]:
+    """POST /decode of the latents `z` (N, L) as digit `digit`: the N images."""
+    response = client.post("/decode", json={"z": z.tolist(), "digit": digit}, headers=JSON_ACCEPT)
+    assert response.status_code == 200
+    return [decode_b64_png(s) for s in response.json()["images"]]
+
+
+def assert_same_images(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert np.abs(a.astype(int) - b).max() <= 1
+
+
+def test_sample_temperature_multiplies_the_prior_draw(client: TestClient, latent_dim: int) -> None:
+    # z = temperature * N(0, I) from the request's seed: the images are those latents decoded.
+    for temperature in (0.1, 1.0, 2.0):
+        params = {"n": 4, "seed": 9, "digit": 3, "temperature": temperature}
+        body = client.post("/sample", params=params, headers=JSON_ACCEPT).json()
+        z = temperature * torch.randn(4, latent_dim, generator=torch.Generator().manual_seed(9))
+        assert_same_images([decode_b64_png(s) for s in body["images"]], decoded(client, z, 3))
+
+
+def test_variations_draw_around_the_posterior_mean_with_its_std_times_scale(
+    client: TestClient, mnist_test: MnistTest, latent_dim: int
+) -> None:
+    # z = mu + scale * exp(logvar / 2) * N(0, I) from the seed, mu and logvar as /encode
+    # reports them: the std, not the variance exp(logvar).
+    images, _ = mnist_test
+    upload = png_of(images[300])
+    (item,) = client.post("/encode", files=files(upload)).json()["items"]
+    mu, logvar = torch.tensor(item["mu"]), torch.tensor(item["logvar"])
+    for scale in (0.5, 3.0):
+        params = {"n": 4, "scale": scale, "seed": 2}
+        body = client.post(
+            "/variations", files=files(upload), params=params, headers=JSON_ACCEPT
+        ).json()
+        assert body["digits"] == [item["digit"]] * 4
+        noise = torch.randn(4, latent_dim, generator=torch.Generator().manual_seed(2))
+        z = mu + scale * torch.exp(0.5 * logvar) * noise
+        got = [decode_b64_png(s) for s in body["images"]]
+        assert_same_images(got, decoded(client, z, item["digit"]))

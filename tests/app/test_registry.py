@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
@@ -35,9 +36,39 @@ def test_auto_is_the_cpu_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("auto") == torch.device("cpu")
 
 
-def test_auto_is_the_gpu_when_one_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_auto_is_the_gpu_when_one_is_visible(fake_gpu: Callable[..., None]) -> None:
+    fake_gpu((8, 6))
     assert resolve_device("auto").type == "cuda"
+
+
+def test_auto_serves_on_the_cpu_from_a_gpu_the_torch_build_cannot_run(
+    fake_gpu: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The image's CUDA 12.8 torch on a Pascal GPU: CUDA is visible, but no kernel would run.
+    fake_gpu((6, 1), name="Tesla P4")
+    with caplog.at_level("WARNING", logger="app.registry"):
+        assert resolve_device("auto") == torch.device("cpu")
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("VAE_DEVICE=auto: serving on the CPU instead of the GPU")
+    assert "Tesla P4, compute capability 6.1" in line and "7.0 or newer" in line
+
+
+def test_auto_serves_on_the_cpu_when_the_test_kernel_fails(
+    fake_gpu: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_gpu((7, 5), kernel_error="CUDA error: no kernel image is available")
+    with caplog.at_level("WARNING", logger="app.registry"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert "failed a test kernel" in caplog.text
+
+
+@pytest.mark.parametrize("requested", ["cuda", "cuda:0"])
+def test_an_explicit_gpu_the_torch_build_cannot_run_is_a_settings_error(
+    fake_gpu: Callable[..., None], requested: str
+) -> None:
+    fake_gpu((5, 2))
+    with pytest.raises(SettingsError, match=rf"VAE_DEVICE={requested}: GPU 0 .*use VAE_DEVICE=cpu"):
+        resolve_device(requested)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")

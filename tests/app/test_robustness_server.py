@@ -208,21 +208,85 @@ def test_a_stalled_json_body_is_answered_408(server: Server) -> None:
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
 
 
-def test_connections_past_the_concurrency_limit_get_503_and_capacity_returns(
+@contextlib.contextmanager
+def uploads_in_progress(server: Server, count: int) -> Iterator[list[socket.socket]]:
+    """`count` /encode uploads held in progress: each sends its headers, then a byte every
+    0.25 s (inside the 1 s body timeout) until the block ends; then they stall and get 408."""
+    boundary = "held"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+    sockets = [
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(count)
+    ]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.25):
+            for sock in sockets:
+                sock.sendall(b"\x00")
+
+    for sock in sockets:
+        sock.sendall(
+            b"POST /encode HTTP/1.1\r\nHost: x\r\n"
+            + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
+            + b"Content-Length: 1000000\r\n\r\n"
+            + head
+        )
+    feeder = threading.Thread(target=trickle)
+    feeder.start()
+    try:
+        yield sockets
+    finally:
+        stop.set()
+        feeder.join()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                read_response(sock, within_s=10)  # the 408 once the trickle stops
+            sock.close()
+
+
+def test_requests_past_the_concurrency_limit_get_a_counted_503_and_probes_still_answer(
     server: Server,
 ) -> None:
-    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(48)]
+    refused_before = server.metric("vae_requests_rejected_total", {"reason": "concurrency"})
+    timed_before = server.metric(
+        "vae_request_duration_seconds_count", {"route": "/sample", "status": "503"}
+    )
+    with uploads_in_progress(server, 48):
+        wait_until_in_flight(server, 48)
+        refused = httpx2.post(f"{server.base}/sample", timeout=10)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "VAE_MAX_CONCURRENCY" in refused.json()["detail"]
+        # Probes and scrapes have a reserve beyond the limit: an overload stays observable.
+        assert httpx2.get(f"{server.base}/healthz", timeout=10).status_code == 200
+        assert httpx2.get(f"{server.base}/readyz", timeout=10).status_code == 200
+        # The refusal is counted where the error-ratio alert and the dashboard look.
+        refused_after = server.metric("vae_requests_rejected_total", {"reason": "concurrency"})
+        assert refused_after - refused_before == 1
+        timed_after = server.metric(
+            "vae_request_duration_seconds_count", {"route": "/sample", "status": "503"}
+        )
+        assert timed_after - timed_before == 1
+    deadline = time.monotonic() + 10
+    while httpx2.post(f"{server.base}/sample", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_idle_connections_past_the_limit_refuse_nothing(server: Server) -> None:
+    # Idle keep-alive connections hold no upload and no task. uvicorn's limit_concurrency
+    # counted them, so 48 idle connections had every request (and scrape) answered 503.
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(64)]
     try:
         time.sleep(0.2)  # the server has accepted them all
-        response = httpx2.get(f"{server.base}/healthz", timeout=10)
-        assert response.status_code == 503
+        assert_png(httpx2.post(f"{server.base}/sample", timeout=10).content)
+        assert httpx2.get(f"{server.base}/metrics", timeout=10).status_code == 200
     finally:
         for sock in idle:
             sock.close()
-    deadline = time.monotonic() + 10
-    while httpx2.get(f"{server.base}/healthz", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
 
 
 def test_an_endless_header_is_refused_without_buffering_it(server: Server) -> None:

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 import torch
 from app_testing import REPO, clean_environment, open_image, png_of, start_app, stop_app
 from prometheus_client.parser import text_string_to_metric_families
+
+from models import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -146,3 +149,100 @@ def test_corrupt_checkpoint_exits_2_with_one_error_line(
 def test_invalid_setting_exits_2_with_one_error_line(trained_checkpoint: Path) -> None:
     result = run_app("--checkpoints", str(trained_checkpoint), "--device", "tpu")
     assert_fails_cleanly(result, "VAE_DEVICE")
+
+
+# ---- --train-if-missing: what `make run` and the compose api run --------------------------
+
+
+def test_first_start_training_runs_on_the_service_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_gpu: Callable[..., None]
+) -> None:
+    import training.cli
+    from app.__main__ import _train_if_missing
+    from app.settings import Settings
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(training.cli, "main", lambda argv: calls.append(list(argv)) or 0)
+    fake_gpu((8, 6))
+    for device, expected in (("cpu", "cpu"), ("auto", "cuda"), ("cuda:0", "cuda:0")):
+        _train_if_missing(Settings(checkpoints=str(tmp_path / "new"), device=device), "tiny")
+        argv = calls.pop()
+        assert argv[argv.index("--device") + 1] == expected, device
+        assert argv[argv.index("--preset") + 1] == "tiny"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_first_start_training_on_a_device_that_is_not_there_fails_before_training(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "default"
+    result = run_app("--train-if-missing", "--checkpoints", str(target), "--device", "cuda")
+    assert_fails_cleanly(result, "VAE_DEVICE=cuda", "no CUDA device")
+    assert not target.exists()
+
+
+def test_train_if_missing_trains_then_serves_and_later_starts_skip_it(tmp_path: Path) -> None:
+    target = tmp_path / "default"
+    args = ("--train-if-missing", "--train-preset", "tiny", "--checkpoints", str(target))
+    settings = {"device": "cpu"}
+    first = start_app(tmp_path / "first.log", *args, ready_within_s=900, settings=settings)
+    try:
+        with httpx2.Client(base_url=first.base, timeout=30) as http:
+            (card,) = http.get("/models").json()["models"]
+            assert (card["name"], card["device"], card["epochs"]) == ("default", "cpu", 12)
+            assert card["anomaly"]["threshold"] > 0 and card["index"] is not None
+            assert http.post("/sample", params={"digit": 7}).status_code == 200
+    finally:
+        stop_app(first)
+    log = first.log.read_text()
+    assert f"no checkpoint in {target}: training the tiny preset into it first, on cpu" in log
+    assert "training preset 'tiny' on cpu" in log
+
+    second = start_app(tmp_path / "second.log", *args, ready_within_s=120, settings=settings)
+    stop_app(second)
+    assert "no checkpoint in" not in second.log.read_text()
+
+
+def test_sigterm_during_first_start_training_stops_it_cleanly(tmp_path: Path) -> None:
+    target = tmp_path / "default"
+    log = tmp_path / "server.log"
+    env = {**clean_environment(), "VAE_DEVICE": "cpu"}
+    argv = [sys.executable, "-m", "app", "--train-if-missing", "--train-preset", "tiny"]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [*argv, "--checkpoints", str(target)],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        last_epoch = target / "train_state" / "last" / "state.pt"
+        deadline = time.monotonic() + 600
+        while not last_epoch.is_file():  # an epoch saved: mid-training
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "SIGTERM: stopped the first-start training" in log.read_text()
+    # No half-written checkpoint: no final one at all, the epoch folders whole, nothing staged.
+    assert not (target / "config.json").exists()
+    assert load_checkpoint(target / "train_state" / "last").metadata["training"]["epoch"] >= 1
+    assert list(tmp_path.rglob("*staging*")) == []
+
+
+def test_an_unknown_train_preset_is_refused_before_anything_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from app.__main__ import _parse
+
+    with pytest.raises(SystemExit) as exited:
+        _parse(["--train-if-missing", "--train-preset", "huge"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+    assert _parse(["--train-preset", "tiny"]).train_preset == "tiny"

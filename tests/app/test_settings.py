@@ -217,3 +217,26 @@ def test_settings_error_is_a_value_error() -> None:
 def test_queue_must_hold_the_largest_request() -> None:
     with pytest.raises(ValidationError, match="VAE_MAX_QUEUE_IMAGES=100 is below"):
         Settings(max_queue_images=100, max_samples=256)
+
+
+def interrupted_save(folder: Path) -> None:
+    """What a save of `folder` leaves when killed after moving the old checkpoint aside and
+    before moving the new one in (models.checkpoint): .NAME.old, and .NAME.new complete with
+    the train_state/ it took over; no NAME."""
+    make_checkpoint(folder.with_name(f".{folder.name}.old"))
+    new = make_checkpoint(folder.with_name(f".{folder.name}.new"))
+    (new / "train_state").mkdir()
+
+
+@pytest.mark.parametrize("named", ["the checkpoint", "its parent"])
+def test_a_checkpoint_whose_save_was_killed_midway_is_found(tmp_path: Path, named: str) -> None:
+    interrupted_save(tmp_path / "default")
+    other = make_checkpoint(tmp_path / "other")
+    if named == "the checkpoint":
+        found = Settings(checkpoints=str(tmp_path / "default")).checkpoint_dirs()
+        assert found == [tmp_path / "default"]
+    else:  # and the swap's hidden folders are not taken for checkpoints of their own
+        found = Settings(checkpoints=str(tmp_path)).checkpoint_dirs()
+        assert found == [tmp_path / "default", other]
+    assert (tmp_path / "default" / "train_state").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default", "other"]

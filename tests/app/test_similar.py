@@ -60,16 +60,15 @@ def test_held_out_threes_find_mostly_threes(client: TestClient, mnist_test: Mnis
 
 
 def test_every_digit_finds_its_own_kind(client: TestClient, mnist_test: MnistTest) -> None:
-    uploads = [blob for digit in range(10) for blob in held_out(mnist_test, digit, 3)]
-    items = similar(client, *uploads, k=8)["items"]
-    truth = [digit for digit in range(10) for _ in range(3)]
-    precision = np.mean(
-        [
-            np.mean([n["label"] == label for n in item["neighbours"]])
-            for item, label in zip(items, truth, strict=True)
-        ]
-    )
-    assert precision >= 0.8
+    # Per digit, not averaged over digits: one digit at 0% must not hide behind the others.
+    precision = {}
+    for digit in range(10):
+        items = similar(client, *held_out(mnist_test, digit, 10), k=8)["items"]
+        precision[digit] = np.mean(
+            [np.mean([n["label"] == digit for n in item["neighbours"]]) for item in items]
+        )
+    assert min(precision.values()) >= 0.6, precision  # measured 0.8 to 1.0
+    assert np.mean(list(precision.values())) >= 0.8, precision
 
 
 def test_json_names_each_neighbour_with_its_image_and_distance(
@@ -237,3 +236,11 @@ def test_json_is_the_default_and_png_is_asked_for(
     )
     response = client.post("/similar", files=files(*upload), headers=JSON_ACCEPT)
     assert response.headers["content-type"] == "application/json"
+    for accept in ("image/png", "image/png, application/json;q=0.5", "image/*"):
+        asked = client.post("/similar", files=files(*upload), headers={"accept": accept})
+        assert asked.headers["content-type"] == "image/png", accept
+        assert pixels(asked.content).shape[::-1] == grid_size(9, 9)  # the upload + 8 neighbours
+    preferred = client.post(
+        "/similar", files=files(*upload), headers={"accept": "image/png;q=0.5, application/json"}
+    )
+    assert preferred.headers["content-type"] == "application/json"

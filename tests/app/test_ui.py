@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,6 +204,7 @@ def test_the_page_works_in_a_real_browser(
     cells = [[td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
     assert cells[0][0] == "all API routes"
     assert any(re.fullmatch(r"[\d.]+ ms", row[2]) for row in cells), cells
+    assert_latency_table_is_histogram_quantile(browser)
 
     # Offline: everything the page loaded came from this server.
     resources = browser.execute_script(
@@ -226,3 +228,96 @@ def test_the_page_works_in_a_real_browser(
     screenshot = tmp_path / "page.png"
     screenshot.write_bytes(base64.b64decode(shot["data"]))
     assert screenshot.stat().st_size > 10_000
+
+
+# ---- the page's p50 / p99, against Prometheus' histogram_quantile ----------------------------
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' histogram_quantile on cumulative `buckets` (upper bound -> count, +Inf
+    included), as promql/quantile.go computes it; None where Prometheus answers NaN."""
+    bounds = sorted(buckets)
+    total = buckets[math.inf]
+    if total <= 0 or len(bounds) < 2:
+        return None
+    rank = q * total
+    # The first bucket, the +Inf one excluded, holding the rank; none: the +Inf bucket.
+    b = next((i for i, le in enumerate(bounds[:-1]) if buckets[le] >= rank), len(bounds) - 1)
+    if b == len(bounds) - 1:
+        return bounds[-2]
+    start, end, count = 0.0, bounds[b], buckets[bounds[b]]
+    if b > 0:
+        start, count, rank = (
+            bounds[b - 1],
+            count - buckets[bounds[b - 1]],
+            rank - buckets[bounds[b - 1]],
+        )
+    return start + (end - start) * rank / count
+
+
+NO_VALUE = "\u2013"  # the en dash the page shows for a quantile of no requests
+
+
+def assert_close_ms(shown: str, seconds: float | None, where: str) -> None:
+    if seconds is None:
+        assert shown == NO_VALUE, where
+        return
+    # The page rounds to 0.01 ms below 10 ms, else to 0.1 ms.
+    shown_ms = float(shown.removesuffix(" ms"))
+    assert shown_ms == pytest.approx(seconds * 1000, abs=0.051), (where, shown, seconds)
+
+
+def assert_latency_table_is_histogram_quantile(browser: webdriver.Chrome) -> None:
+    """The page's latency table against histogram_quantile of the same two /metrics polls it
+    was computed from (read in one script, so no poll can land in between)."""
+    state = browser.execute_script(
+        "const plain = (m) => Object.fromEntries([...m].map(([route, buckets]) =>"
+        "  [route, [...buckets].map(([le, n]) => [le === Infinity ? 'inf' : le, n])]));"
+        "return {before: plain(snapshots[0]), now: plain(snapshots[snapshots.length - 1]),"
+        "  notApi: [...NOT_API],"
+        "  rows: [...document.querySelectorAll('#latency-rows tr')]"
+        "    .map(tr => [...tr.children].map(td => td.textContent))};"
+    )
+
+    def buckets(raw: list[list[Any]]) -> dict[float, float]:
+        return {math.inf if le == "inf" else float(le): float(n) for le, n in raw}
+
+    expected: dict[str, dict[float, float]] = {}
+    for route, raw in state["now"].items():
+        if route in state["notApi"]:
+            continue
+        before = buckets(state["before"].get(route, []))
+        recent = {le: n - before.get(le, 0.0) for le, n in buckets(raw).items()}
+        if recent[math.inf] > 0:
+            expected[route] = recent
+    everything: dict[float, float] = {}
+    for recent in expected.values():
+        for le, n in recent.items():
+            everything[le] = everything.get(le, 0.0) + n
+    rows = {row[0]: row[1:] for row in state["rows"]}
+    assert set(rows) == {"all API routes", *expected}, (rows, expected)
+    for route, recent in [("all API routes", everything), *expected.items()]:
+        count, p50, p99 = rows[route]
+        assert int(count) == recent[math.inf], route
+        assert_close_ms(p50, histogram_quantile(0.5, recent), f"{route} p50")
+        assert_close_ms(p99, histogram_quantile(0.99, recent), f"{route} p99")
+    # Edge cases the traffic above does not reach, through the page's own function.
+    cases = [
+        {0.001: 0, 0.0025: 10, 0.005: 20, math.inf: 20},  # ranks inside finite buckets
+        {0.001: 0, 0.0025: 0, 0.005: 0, math.inf: 7},  # all past the last finite bound
+        {0.001: 3, 0.0025: 3, 0.005: 3, math.inf: 3},  # all in the first bucket
+        {0.001: 0, math.inf: 0},  # no requests
+    ]
+    for case in cases:
+        for q in (0.5, 0.99):
+            shown = browser.execute_script(
+                "return quantile(arguments[0], new Map(arguments[1].map("
+                "  ([le, n]) => [le === 'inf' ? Infinity : le, n])));",
+                q,
+                [["inf" if le == math.inf else le, n] for le, n in case.items()],
+            )
+            expected_q = histogram_quantile(q, case)
+            if expected_q is None:
+                assert shown is None, (case, q)
+            else:
+                assert shown == pytest.approx(expected_q, rel=1e-9), (case, q, shown)

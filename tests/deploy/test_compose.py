@@ -35,10 +35,13 @@ VAE_SETTINGS = tuple(
 )
 
 
-def with_defaults(value: str) -> str:
-    """`value` as Compose resolves it when no variable is set in the environment."""
+def with_defaults(value: str, variables: dict[str, str] | None = None) -> str:
+    """`value` as Compose resolves it when no variable (or only `variables`) is set in the
+    environment."""
 
     def default(match: re.Match[str]) -> str:
+        if variables and match["name"] in variables:
+            return variables[match["name"]]
         assert match["op"], f"{match[0]} has no default: write ${{{match['name']}:-<default>}}"
         return match["default"]
 
@@ -66,11 +69,11 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     return {key: with_defaults(str(value)) for key, value in env.items()}
 
 
-def command(service: dict[str, Any]) -> list[str]:
-    """The service's command as an argv list, with defaults substituted."""
+def command(service: dict[str, Any], variables: dict[str, str] | None = None) -> list[str]:
+    """The service's command as an argv list, with defaults (or `variables`) substituted."""
     argv = service["command"]
     assert isinstance(argv, list), "write command in exec form (a list), so no shell is involved"
-    return [with_defaults(str(arg)) for arg in argv]
+    return [with_defaults(str(arg), variables) for arg in argv]
 
 
 def is_under(path: str, folder: str) -> bool:
@@ -284,3 +287,47 @@ def test_third_party_images_are_pinned(services: dict[str, dict[str, Any]], name
     assert repository and "/" not in tag, f"{image} has no tag"
     assert tag != "latest"
     assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{image}: pin a full version"
+
+
+def test_api_and_trainer_run_under_an_init(services: dict[str, dict[str, Any]]) -> None:
+    # Python as PID 1 ignores SIGTERM until it installs a handler (not yet during first-start
+    # training), so `docker compose stop` would wait out the grace period and SIGKILL it.
+    assert services["api"]["init"] is True
+    assert services["trainer"]["init"] is True
+
+
+def test_api_stop_grace_period_covers_the_drain(services: dict[str, dict[str, Any]]) -> None:
+    env = environment(services["api"])
+    drain = Settings(request_timeout_s=float(env["VAE_REQUEST_TIMEOUT_S"])).shutdown_drain_s
+    # Docker's default is 10 s; past the grace period it SIGKILLs requests mid-drain.
+    assert seconds(services["api"]["stop_grace_period"]) >= drain + 10, drain
+
+
+@pytest.mark.parametrize(("name", "port"), [("prometheus", "9090"), ("grafana", "3000")])
+def test_monitoring_publishes_on_loopback_unless_told(
+    services: dict[str, dict[str, Any]], name: str, port: str
+) -> None:
+    # Prometheus has no authentication, and Docker's port rules bypass ufw/firewalld.
+    (published,) = services[name]["ports"]
+    assert with_defaults(published) == f"127.0.0.1:{port}:{port}"
+    bind = f"{name.upper()}_BIND"
+    assert with_defaults(published, {bind: "0.0.0.0"}) == f"0.0.0.0:{port}:{port}"
+
+
+def test_trainer_trains_mnist_full_with_its_data_on_a_volume(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    from training.cli import build_parser, config_from_args
+
+    trainer = services["trainer"]
+    argv = command(trainer, {"VAE_TRAIN_PRESET": "mnist-full"})
+    assert argv[:3] == ["python", "-m", "training"]
+    config = config_from_args(build_parser().parse_args(argv[3:]))
+    assert (config.preset, config.dataset, config.download) == ("mnist-full", "mnist", True)
+    assert config.out == "/checkpoints/mnist-full"
+    # The data outlives the container, so the next run does not fetch it again.
+    volumes = {m["target"]: m["source"] for m in mounts(trainer) if m["type"] == "volume"}
+    assert is_under(config.data_dir, "/data") and volumes["/data"] in compose["volumes"]
+    # The default preset (embedded mnist-5k) runs unchanged: the data flags do nothing there.
+    default = config_from_args(build_parser().parse_args(command(trainer)[3:]))
+    assert (default.preset, default.dataset) == ("default", "mnist-5k")

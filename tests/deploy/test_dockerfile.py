@@ -312,3 +312,26 @@ def test_dockerignore_keeps_what_the_build_copies(
             assert not is_ignored(source, ignore_rules), source
             if source in SOURCE_PACKAGES:
                 assert not is_ignored(f"{source}/module.py", ignore_rules), source
+
+
+def test_healthcheck_start_period_is_compose_s(final: Stage) -> None:
+    import yaml
+
+    (healthcheck,) = [ins.args for _, ins in final.find("HEALTHCHECK")]
+    start_period = re.search(r"--start-period=(\S+)", healthcheck)
+    assert start_period, healthcheck
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    # A first start trains before anything listens: as long in a `docker run` as in compose.
+    assert start_period[1] == compose["services"]["api"]["healthcheck"]["start_period"]
+
+
+def test_the_volume_mount_points_belong_to_the_service_user(final: Stage) -> None:
+    # Docker copies a mount point's owner into an empty named volume: the non-root user must
+    # own /checkpoints (trained models) and /data (downloaded MNIST) to write them.
+    runs = " ".join(ins.args for _, ins in final.find("RUN"))
+    chown = re.search(r"chown (\S+) ([^&]+)", runs)
+    assert chown, runs
+    assert {"/checkpoints", "/data"} <= set(chown[2].split())
+    owner = chown[1].split(":")[0]
+    uid = re.search(rf"--uid (\d+) .*\b{owner}\b", runs)  # useradd ... --uid N ... <owner>
+    assert uid and final.find("USER")[-1][1].args.split(":")[0] == uid[1]

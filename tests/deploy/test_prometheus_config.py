@@ -81,6 +81,7 @@ def test_every_alert_has_a_severity_and_a_summary(rules: list[dict[str, Any]]) -
     alerts = [rule for rule in rules if "alert" in rule]
     assert {a["alert"] for a in alerts} == {
         "VaeApiDown",
+        "VaeApiNotUp",
         "VaeApiAbsent",
         "VaeApiHighLatencyP99",
         "VaeApiHighErrorRatio",
@@ -120,6 +121,23 @@ def latency_buckets(route: str, per_15s: dict[str, int]) -> list[dict[str, str]]
     ]
 
 
+def down_alert(alertname: str) -> dict[str, Any]:
+    """A firing VaeApiDown or VaeApiNotUp of the api target, as promtool's alert tests expect
+    it: labels and the annotations with their template filled in."""
+    (rule,) = [
+        rule
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == alertname
+    ]
+    annotations = {
+        key: value.replace("{{ $labels.instance }}", "api:8000")
+        for key, value in rule["annotations"].items()
+    }
+    labels = {"job": JOB, "instance": "api:8000", **rule["labels"]}
+    return {"exp_labels": labels, "exp_annotations": annotations}
+
+
 # Input series are 15 s apart, like rule evaluations; `0+15x100` is a counter growing 1/s.
 ALERT_TESTS: list[dict[str, Any]] = [
     {
@@ -140,6 +158,60 @@ ALERT_TESTS: list[dict[str, Any]] = [
                     firing("VaeApiDown", instance="api:8000", job=JOB, severity="critical")
                 ],
             },
+        ],
+    },
+    {
+        # The api trains the default model before it listens: nothing to scrape for minutes.
+        "name": "a first start that trains for 25 minutes fires nothing",
+        "interval": "15s",
+        "input_series": [
+            {"series": f'up{{job="{JOB}", instance="api:8000"}}', "values": "0x100 1x40"},
+        ],
+        "alert_rule_test": [
+            {"alertname": alert, "eval_time": time, "exp_alerts": []}
+            for alert in ("VaeApiDown", "VaeApiNotUp")
+            for time in ("2m", "20m", "25m", "26m", "30m", "35m")
+        ],
+    },
+    {
+        "name": "a start that never comes up fires VaeApiNotUp after 30 minutes, not VaeApiDown",
+        "interval": "15s",
+        "input_series": [
+            {"series": f'up{{job="{JOB}", instance="api:8000"}}', "values": "0x200"},
+        ],
+        "alert_rule_test": [
+            {"alertname": "VaeApiNotUp", "eval_time": "29m", "exp_alerts": []},
+            {"alertname": "VaeApiDown", "eval_time": "45m", "exp_alerts": []},
+        ],
+        "promql_expr_test": [
+            {
+                "expr": 'ALERTS{alertstate="firing"}',
+                "eval_time": "31m",
+                "exp_samples": [
+                    firing("VaeApiNotUp", instance="api:8000", job=JOB, severity="critical")
+                ],
+            },
+        ],
+    },
+    {
+        "name": "a long outage passes from VaeApiDown to VaeApiNotUp with no gap",
+        "interval": "15s",
+        "input_series": [
+            {"series": f'up{{job="{JOB}", instance="api:8000"}}', "values": "1x7 0x300"},
+        ],
+        # Down from 1m45s: VaeApiDown fires from 2m45s until the last `up` of 1 leaves its
+        # 35-minute window (36m45s); VaeApiNotUp from 31m45s on.
+        "alert_rule_test": [
+            {
+                "alertname": alert,
+                "eval_time": f"{minute}m",
+                "exp_alerts": [down_alert(alert)] if firing_at(minute) else [],
+            }
+            for minute in range(3, 60)
+            for alert, firing_at in (
+                ("VaeApiDown", lambda m: m <= 36),
+                ("VaeApiNotUp", lambda m: m >= 32),
+            )
         ],
     },
     {

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ P99_30S = (
 )
 TRAFFIC_REQUESTS = 200
 TRAFFIC_SECONDS = 5.0
+CONCURRENCY = 4
+OVERLOAD_REQUESTS = 60
 
 pytestmark = [
     pytest.mark.slow,
@@ -73,10 +76,13 @@ class Server:
 
 
 @contextmanager
-def running(name: str, argv: list[str], url: str, log: Path) -> Iterator[Server]:
+def running(
+    name: str, argv: list[str], url: str, log: Path, settings: dict[str, str] | None = None
+) -> Iterator[Server]:
     """Run `argv` with its output in `log`; stop it on the way out, whatever happened."""
-    # Without the caller's VAE_* variables: the flags alone configure the api under test.
+    # Without the caller's VAE_* variables: the flags and `settings` alone configure the api.
     env = {key: value for key, value in os.environ.items() if not key.startswith("VAE_")}
+    env.update(settings or {})
     with log.open("wb") as output:
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env
@@ -171,7 +177,10 @@ def api(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         f"--port={port}",
         "--device=cpu",  # this test is about metrics; the same on every machine
     ]
-    with running("api", argv, f"http://127.0.0.1:{port}", log) as server:
+    # A cap of 4 requests in progress (the traffic below sends one at a time) and the test
+    # fault hook, so that the last test can saturate the server with a few requests.
+    settings = {"VAE_MAX_CONCURRENCY": str(CONCURRENCY), "VAE_ENABLE_TEST_HOOKS": "true"}
+    with running("api", argv, f"http://127.0.0.1:{port}", log, settings) as server:
 
         def ready() -> bool | None:
             with urllib.request.urlopen(f"{server.url}/readyz", timeout=5) as response:
@@ -309,3 +318,61 @@ def test_every_shipped_rule_loads_and_evaluates_cleanly(
     assert not unhealthy
     alerts = api_get(prometheus, "/api/v1/alerts")["alerts"]
     assert not [alert for alert in alerts if alert["state"] in ("pending", "firing")], alerts
+
+
+def post(url: str, headers: dict[str, str] | None = None) -> int:
+    """The status of a POST without a body."""
+    request = urllib.request.Request(url, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+# Last in the module: it makes the error ratio alert pending, which the tests above rule out.
+def test_requests_refused_at_saturation_reach_the_error_ratio_and_scrapes_go_on(
+    api: Server, prometheus: Server, traffic: dict[int, int]
+) -> None:
+    sample = f"{api.url}/sample"
+    with ThreadPoolExecutor(CONCURRENCY) as holders:
+        # One request stalls the model for 5 s (test fault hook); three more queue behind it:
+        # CONCURRENCY requests in progress, so the server is saturated.
+        held = [holders.submit(post, sample, {"X-Test-Fault": "slow=5"})]
+        time.sleep(0.5)
+        held += [holders.submit(post, sample) for _ in range(CONCURRENCY - 1)]
+        time.sleep(0.5)
+        # The first refusal creates the 503 series; rate() counts what comes after the first
+        # scrape of it, so the rest follow two scrapes later, paced like sustained overload.
+        refused = [post(sample)]
+        time.sleep(2)
+        for _ in range(OVERLOAD_REQUESTS - 1):
+            refused.append(post(sample))
+            time.sleep(0.02)
+        assert [future.result() for future in held] == [200] * CONCURRENCY
+    assert refused == [503] * OVERLOAD_REQUESTS
+
+    def counted() -> float | None:
+        result = query(prometheus, 'vae_requests_rejected_total{reason="concurrency"}')
+        value = sample_value(result, job=JOB)
+        return value if value == OVERLOAD_REQUESTS else None
+
+    wait_for(counted, "the refusals in Prometheus", [api, prometheus], timeout_s=15)
+
+    def error_ratio() -> float | None:
+        ratio = finite(sample_value(query(prometheus, "job:vae_requests_errors:ratio_rate5m")))
+        return ratio if ratio is not None and ratio > 0.05 else None
+
+    # OVERLOAD_REQUESTS 503s among the traffic, scrapes and held requests: over 5%.
+    wait_for(error_ratio, "an error ratio over 5%", [api, prometheus], timeout_s=15)
+
+    def alert_pending() -> list[dict[str, Any]] | None:
+        alerts = api_get(prometheus, "/api/v1/alerts")["alerts"]
+        found = [a for a in alerts if a["labels"]["alertname"] == "VaeApiHighErrorRatio"]
+        return found or None
+
+    (alert,) = wait_for(alert_pending, "VaeApiHighErrorRatio", [api, prometheus], timeout_s=15)
+    assert alert["state"] == "pending"  # its `for: 5m` has just begun
+    # /metrics stayed within its reserve above the cap: no scrape failed during the overload.
+    assert sample_value(query(prometheus, f'min_over_time(up{{job="{JOB}"}}[1m])')) == 1

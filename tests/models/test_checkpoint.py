@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +159,196 @@ def test_checkpoint_is_readable_by_other_users(model: VAE, tmp_path: Path) -> No
     assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         assert stat.S_IMODE((tmp_path / "ckpt" / name).stat().st_mode) == 0o644
+
+
+# ---- the swap of a re-saved checkpoint: a failure or a kill at any step loses nothing ----
+
+# The steps of re-saving a checkpoint that has a train_state/ (models.checkpoint._rename and
+# _remove_tree calls): staging -> .ckpt.new, train_state/ into it, ckpt -> .ckpt.old,
+# .ckpt.new -> ckpt, .ckpt.old -> a staging folder, that folder deleted.
+SWAP_STEPS = 6
+REPO = Path(__file__).resolve().parents[2]
+
+
+def save_run(target: Path, run: int) -> VAE:
+    """A model with weights of its own (seeded by `run`) saved to target, marked `run`."""
+    torch.manual_seed(run)
+    vae = VAE(CONFIG)
+    vae.save_pretrained(target, {"run": run}, extra_files={"metrics.json": b'{"run": %d}' % run})
+    return vae
+
+
+def with_train_state(target: Path) -> None:
+    """A train_state/ like the trainer's: resume bytes and a nested checkpoint."""
+    (target / "train_state").mkdir()
+    (target / "train_state" / "state.pt").write_bytes(b"resume")
+    save_run(target / "train_state" / "last", 7)
+
+
+def assert_complete_run(target: Path, run: int) -> None:
+    """target is run `run`'s checkpoint, whole (weights verified against config.json), with
+    the train_state/ of the checkpoint it replaced, and nothing of the swap left beside it."""
+    loaded = load_checkpoint(target)
+    assert loaded.path == target
+    assert loaded.metadata["run"] == run
+    torch.manual_seed(run)
+    for (name, want), (_, got) in zip(
+        VAE(CONFIG).state_dict().items(), loaded.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(want, got), name
+    assert json.loads((target / "metrics.json").read_text()) == {"run": run}
+    assert (target / "train_state" / "state.pt").read_bytes() == b"resume"
+    assert load_checkpoint(target / "train_state" / "last").metadata["run"] == 7
+    # A save killed before its first rename leaves its staging folder: the next save deletes it.
+    leftovers = [p.name for p in target.parent.iterdir() if p.name != "ckpt"]
+    assert all(name.startswith(".ckpt.staging-") for name in leftovers), leftovers
+
+
+class Steps:
+    """Counts the swap's steps and makes chosen ones fail, as a full disk or a lost mount."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, failing: set[int] = frozenset()) -> None:
+        import models.checkpoint as checkpoint
+
+        self.count = 0
+        self.failing = failing
+        rename, remove_tree = checkpoint._rename, checkpoint._remove_tree
+
+        def step(action: object) -> object:
+            def run(*args: Path) -> None:
+                self.count += 1
+                if self.count in self.failing:
+                    raise OSError(28, f"step {self.count} failed")
+                action(*args)  # type: ignore[operator]
+
+            return run
+
+        monkeypatch.setattr(checkpoint, "_rename", step(rename))
+        monkeypatch.setattr(checkpoint, "_remove_tree", step(remove_tree))
+
+
+def test_a_resave_takes_the_steps_the_fault_tests_cover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "ckpt"
+    save_run(target, 1)
+    with_train_state(target)
+    steps = Steps(monkeypatch)
+    save_run(target, 2)
+    assert steps.count == SWAP_STEPS
+    assert_complete_run(target, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+@pytest.mark.parametrize("step", range(1, SWAP_STEPS + 1))
+def test_a_failing_step_keeps_the_old_checkpoint_with_its_train_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    target = tmp_path / "ckpt"
+    save_run(target, 1)
+    with_train_state(target)
+    steps = Steps(monkeypatch, failing={step})
+    if step <= 4:  # the new checkpoint is not in place yet: the save fails, the old one stays
+        with pytest.raises(OSError, match=f"step {step} failed"):
+            save_run(target, 2)
+        assert_complete_run(target, 1)
+    else:  # only deleting the old one failed: the save stands
+        save_run(target, 2)
+        assert_complete_run(target, 2)
+    steps.failing = set()
+    save_run(target, 3)
+    assert_complete_run(target, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+@pytest.mark.parametrize("failing", [{2, 3}, {3, 4}, {4, 5}])
+def test_a_failing_undo_leaves_a_swap_that_the_next_load_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: set[int]
+) -> None:
+    # A step fails, then so does the first step of putting things back (the disk is gone):
+    # what is left on disk is finished by the next load, which finds the new checkpoint whole.
+    target = tmp_path / "ckpt"
+    save_run(target, 1)
+    with_train_state(target)
+    steps = Steps(monkeypatch, failing=failing)
+    with pytest.raises(OSError, match=f"step {min(failing)} failed"):
+        save_run(target, 2)
+    assert (tmp_path / ".ckpt.new").is_dir()
+    steps.failing = set()
+    assert_complete_run(target, 2)
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import torch
+import models.checkpoint as checkpoint
+from models import VAE, VAEConfig
+
+target, kill_before = Path(sys.argv[1]), int(sys.argv[2])
+steps = 0
+
+def killed_before(action):
+    def run(*args):
+        global steps
+        steps += 1
+        if steps == kill_before:
+            os.kill(os.getpid(), signal.SIGKILL)
+        action(*args)
+    return run
+
+checkpoint._rename = killed_before(checkpoint._rename)
+checkpoint._remove_tree = killed_before(checkpoint._remove_tree)
+torch.manual_seed(2)
+VAE(VAEConfig(**{config})).save_pretrained(
+    target, {{"run": 2}}, extra_files={{"metrics.json": b'{{"run": 2}}'}}
+)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", range(1, SWAP_STEPS + 2))
+def test_a_save_killed_at_any_step_loads_as_the_old_or_the_new_checkpoint(
+    tmp_path: Path, step: int
+) -> None:
+    # A real process (a pod evicted during its final save) killed by SIGKILL just before each
+    # step of the swap, or (the last case) not at all; then the next load, here.
+    target = tmp_path / "ckpt"
+    save_run(target, 1)
+    with_train_state(target)
+    config = {**CONFIG.to_dict(), "hidden_dims": list(CONFIG.hidden_dims)}
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE.format(config=config), str(target), str(step)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+    )
+    killed = step <= SWAP_STEPS
+    assert process.returncode == (-signal.SIGKILL if killed else 0), process.stderr.decode()
+    # Before its first rename the new checkpoint is only a staging folder: the old one stands.
+    # From the first rename on, a complete new one exists, and the load finishes the swap.
+    assert_complete_run(target, 1 if step == 1 else 2)
+    save_run(target, 3)
+    assert_complete_run(target, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_an_unwritable_folder_reads_the_checkpoint_an_interrupted_save_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Killed after moving the old checkpoint aside (step 3), on a volume the reader may not
+    # write (a read-only mount): the reader loads the complete new folder where it lies.
+    target = tmp_path / "ckpt"
+    save_run(target, 1)
+    save_run(tmp_path / "incoming", 2)
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")
+    (tmp_path / "incoming").rename(tmp_path / ".ckpt.new")
+    import models.checkpoint as checkpoint
+
+    def read_only(source: Path, destination: Path) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(checkpoint, "_rename", read_only)
+    loaded = load_checkpoint(target)
+    assert loaded.metadata["run"] == 2
+    assert loaded.path == tmp_path / ".ckpt.new"

@@ -131,6 +131,12 @@ def test_conditional_sampling_honours_the_label() -> None:
     model = make("conv-cond")
     sevens = model.sample(4, y=torch.full((4,), 7), generator=torch.Generator().manual_seed(0))
     assert sevens.labels is not None and sevens.labels.tolist() == [7, 7, 7, 7]
+    # The images are the decoder's for label 7 at those latents, not merely labelled 7.
+    with torch.no_grad():
+        as_seven = model.decode(sevens.latents, torch.full((4,), 7))
+        as_three = model.decode(sevens.latents, torch.full((4,), 3))
+    assert torch.allclose(sevens.images, as_seven)
+    assert not torch.allclose(sevens.images, as_three, atol=1e-3)
 
 
 def test_temperature_scales_the_prior() -> None:
@@ -221,3 +227,28 @@ def test_fixed_gaussian_std_is_not_learned() -> None:
     model = make("mlp-gauss-fixed")
     assert not model.log_std.requires_grad
     assert float(model.log_std.exp()) == pytest.approx(0.2)
+
+
+def test_drawn_labels_are_the_ones_the_images_were_decoded_with() -> None:
+    # Without y a conditional model draws labels: each image must be decoded with its own.
+    model = make("conv-cond")
+    drawn = model.sample(64, generator=torch.Generator().manual_seed(3))
+    assert drawn.labels is not None and len(set(drawn.labels.tolist())) > 5
+    with torch.no_grad():
+        assert torch.allclose(drawn.images, model.decode(drawn.latents, drawn.labels))
+        shifted = (drawn.labels + 1) % 10
+        assert not torch.allclose(drawn.images, model.decode(drawn.latents, shifted), atol=1e-3)
+
+
+def test_anomaly_score_is_a_mahalanobis_distance_from_the_reference() -> None:
+    model = make("conv")
+    reference = torch.rand(200, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    model.fit_anomaly_reference(reference)
+    scores = model.anomaly_score(reference).score
+    # Under a covariance fitted to these very points, the mean squared distance is at most
+    # the number of statistics (3; less by the ridge): not a square, not a raw difference.
+    assert 1.0 < float(scores.pow(2).mean()) <= 3.0
+    assert float(scores.std()) > 0.1
+    # Images unlike the reference (constant ones, for a reference of uniform noise) are far.
+    far = model.anomaly_score(torch.ones(4, 1, 28, 28)).score
+    assert float(far.min()) > 3 * float(scores.max())

@@ -56,7 +56,6 @@ def test_every_train_config_knob_has_a_flag() -> None:
         (["--gaussian-std", "0.1"], "--likelihood gaussian"),
         (["--device", "tpu"], "invalid device 'tpu'"),
         (["--resume"], "nothing to resume"),
-        (["--tensorboard", "tb"], "pip install tensorboard"),
         (["--dataset", "mnist", "--data-dir", "no-such-dir"], "pass --download"),
         (["--anomaly-fpr", "2"], "anomaly_fpr"),
     ],
@@ -77,6 +76,15 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(
     assert message in captured.err
     assert captured.out == ""
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("no_tensorboard")
+def test_tensorboard_without_the_package_is_refused_the_same_way(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    test_bad_input_is_one_error_line_exit_2_and_writes_nothing(
+        ["--tensorboard", "tb"], "pip install tensorboard", tmp_path, capsys, monkeypatch
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

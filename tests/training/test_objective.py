@@ -92,8 +92,31 @@ def test_vae_objective_equals_negative_elbo_after_warmup() -> None:
     assert set(step.logs) == {"recon", "kl", "beta"}
 
 
-def test_vae_objective_ignores_labels_for_an_unconditional_model() -> None:
-    model = VAE(VAEConfig(architecture="mlp", hidden_dims=(16,), latent_dim=2, num_classes=None))
+def seeded_loss(model: VAE, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The objective's loss on (x, y) with the reparameterisation noise of seed 2."""
     objective = VAEObjective(beta=1.0, kl_warmup_epochs=0, steps_per_epoch=1)
-    step = objective(model, torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 3]), step=0)
-    assert torch.isfinite(step.loss)
+    torch.manual_seed(2)
+    return objective(model, x, y, step=0).loss.item()
+
+
+def test_vae_objective_ignores_labels_for_an_unconditional_model() -> None:
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(architecture="mlp", hidden_dims=(16,), latent_dim=2, num_classes=None))
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    loss = seeded_loss(model, x, torch.tensor([1, 2, 3]))
+    # The same as with any other labels, and as the model's own negative ELBO without them.
+    assert loss == seeded_loss(model, x, torch.tensor([9, 9, 0]))
+    torch.manual_seed(2)
+    output = model(x)
+    assert loss == pytest.approx((output.reconstruction_nll + output.kl).mean().item(), rel=1e-6)
+
+
+def test_vae_objective_uses_the_labels_of_a_conditional_model() -> None:
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(architecture="mlp", hidden_dims=(16,), latent_dim=2, num_classes=10))
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    loss = seeded_loss(model, x, torch.tensor([1, 2, 3]))
+    assert loss != seeded_loss(model, x, torch.tensor([9, 9, 0]))
+    torch.manual_seed(2)
+    output = model(x, torch.tensor([1, 2, 3]))
+    assert loss == pytest.approx((output.reconstruction_nll + output.kl).mean().item(), rel=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,19 @@ def test_tensorboard_logs_inside_out_must_live_under_train_state(tmp_path: Path)
         check_output(tmp_path / "run", tensorboard=str(tmp_path / "run" / "tb"))
     check_output(tmp_path / "run", tensorboard=str(tmp_path / "run" / "train_state" / "tb"))
     check_output(tmp_path / "run", tensorboard=str(tmp_path / "tb"))
+
+
+@pytest.mark.slow
+def test_resume_finishes_a_final_save_that_was_killed_midway(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    # The final save killed after moving the folder aside and before moving the new one in
+    # (models.checkpoint): no <out>, the new checkpoint with train_state/ in .<out>.new.
+    out = tmp_path / "killed"
+    shutil.copytree(uninterrupted, tmp_path / ".killed.new")
+    (tmp_path / ".killed.old").mkdir()
+    resumed = train(small_run(out, resume=True))
+    assert resumed.checkpoint == out and resumed.epochs_run == 3
+    expected = load_checkpoint(uninterrupted).model.state_dict()
+    assert_same_tensors(expected, load_checkpoint(out).model.state_dict(), "final")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]

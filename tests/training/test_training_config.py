@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,19 @@ def test_auto_device_is_cpu_without_cuda() -> None:
 def test_cuda_without_cuda_says_use_cpu() -> None:
     with pytest.raises(ConfigError, match="--device cpu"):
         resolve_device("cuda:0")
+
+
+def test_auto_trains_on_the_cpu_on_a_gpu_the_torch_build_cannot_run(
+    fake_gpu: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_gpu((6, 0), name="Tesla P100")
+    with caplog.at_level("WARNING", logger="training.config"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert "training on the CPU instead of the GPU: GPU 0 (Tesla P100" in caplog.text
+    with pytest.raises(ConfigError, match=r"device 'cuda': GPU 0 .*or use --device cpu"):
+        resolve_device("cuda")
+    fake_gpu((9, 0))
+    assert resolve_device("auto").type == resolve_device("cuda:0").type == "cuda"
 
 
 def test_unknown_device_name_is_rejected() -> None:
