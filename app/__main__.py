@@ -86,7 +86,20 @@ def _train_if_missing(settings: Settings, preset: str) -> None:
     )
     from training.cli import main as train
 
-    argv = ["--preset", preset, "--out", str(target), "--device", str(device)]
+    # The first start is what a new user waits for: skip the judge and CAS classifiers (about a
+    # minute on 2 CPU cores) and take a 1-sample IWAE; config.json records both, and
+    # `python -m training.evaluate DIR --sample-quality --iwae-k 100` measures them afterwards.
+    argv = [
+        "--preset",
+        preset,
+        "--out",
+        str(target),
+        "--device",
+        str(device),
+        "--no-sample-quality",
+        "--iwae-k",
+        "1",
+    ]
     previous = signal.signal(signal.SIGTERM, _stop_training)
     try:
         code = train([*argv, "--no-progress"])

@@ -169,6 +169,8 @@ def test_first_start_training_runs_on_the_service_device(
         argv = calls.pop()
         assert argv[argv.index("--device") + 1] == expected, device
         assert argv[argv.index("--preset") + 1] == "tiny"
+        # Ready sooner: no judge or CAS classifiers, a 1-sample IWAE.
+        assert "--no-sample-quality" in argv and argv[argv.index("--iwae-k") + 1] == "1"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -197,6 +199,10 @@ def test_train_if_missing_trains_then_serves_and_later_starts_skip_it(tmp_path: 
     log = first.log.read_text()
     assert f"no checkpoint in {target}: training the tiny preset into it first, on cpu" in log
     assert "training preset 'tiny' on cpu" in log
+    # Every stage after the epochs says when it starts and how long it took.
+    for stage in ("fitting the decoder temperature", "evaluating epoch", "scoring the held-out"):
+        assert stage in log, stage
+    assert log.count("  done in ") >= 4
 
     second = start_app(tmp_path / "second.log", *args, ready_within_s=120, settings=settings)
     stop_app(second)
