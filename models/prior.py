@@ -105,12 +105,21 @@ class GaussianMixturePrior:
         generator: torch.Generator | None = None,
         rounds: int = 1,
     ) -> Tensor:
-        """`rounds` independent draws per entry of groups (N,), (N, rounds, L): round r is the
-        r-th call of sample(), so round 0 alone is exactly sample()'s draw."""
+        """`rounds` independent draws per entry of groups (N,), (N, rounds, L), drawn in one go
+        (all components, then all noise) so a request pays for one draw whatever `rounds` is;
+        a seeded CPU generator reproduces them."""
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, got {rounds}")
-        draws = [self.sample(groups, temperature, generator) for _ in range(rounds)]
-        return torch.stack(draws, dim=1)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        groups = groups.long().cpu()
+        if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= self.num_groups):
+            raise ValueError(f"groups must be in 0..{self.num_groups - 1}")
+        rows = groups[:, None]  # (N, 1): broadcasts against the (N, R) components
+        component = torch.multinomial(self.weights[groups], rounds, True, generator=generator)
+        noise = torch.randn(len(groups), rounds, self.latent_dim, generator=generator)
+        tril = self.scale_tril[rows, component]  # (N, R, L, L)
+        return self.means[rows, component] + temperature * (tril @ noise[..., None])[..., 0]
 
     def log_prob(self, z: Tensor, groups: Tensor) -> Tensor:
         """log p(z | group) per row of z (N, L), on z's device, (N,)."""
