@@ -317,24 +317,29 @@ def test_anomaly_histogram_counts_every_scored_image(
 
 
 def test_each_heatmap_is_the_squared_error_of_its_own_reconstruction(
-    client: TestClient, mnist_test: MnistTest
+    client: TestClient, mnist_test: MnistTest, trained_checkpoint: Path
 ) -> None:
     # The heatmap of upload i is (x_i - reconstruction_i)^2 scaled to its maximum, with the
-    # reconstruction /reconstruct returns for it: not another image's, nor another quantity.
+    # reconstruction the score is computed from (the likelihood's mean at the predicted digit,
+    # not the crisper image /reconstruct shows): not another image's, nor another quantity.
+    from models import load_checkpoint
+
     images, _ = mnist_test
     uploads = [png_of(images[i]) for i in (40, 400, 800)]
-    maps = [
-        decode_b64_png(item["heatmap"]).astype(np.float64)
-        for item in score(client, *uploads, heatmap="true")["items"]
-    ]
-    reconstructed = client.post("/reconstruct", files=files(*uploads), headers=JSON_ACCEPT)
+    items = score(client, *uploads, heatmap="true")["items"]
+    maps = [decode_b64_png(item["heatmap"]).astype(np.float64) for item in items]
+    model = load_checkpoint(trained_checkpoint).model
+    x = torch.stack([torch.from_numpy(unit(pixels(upload))).float()[None] for upload in uploads])
+    digits = torch.tensor([item["digit"] for item in items])
+    with torch.no_grad():
+        mean = model.decode_mean(model.encode(x, digits).mode(), digits)
     expected = []
-    for upload, item in zip(uploads, reconstructed.json()["items"], strict=True):
-        error = (unit(pixels(upload)) - unit(decode_b64_png(item["image"]))) ** 2
+    for upload, reconstruction in zip(uploads, mean, strict=True):
+        error = (unit(pixels(upload)) - reconstruction[0].numpy()) ** 2
         expected.append(255 * error / error.max())
     for i, heatmap in enumerate(maps):
         differences = [float(np.abs(heatmap - e).mean()) for e in expected]
-        # The reconstruction PNG is rounded to 8 bits: a grey level or two on average.
+        # The upload and the heatmap PNG are rounded to 8 bits: a grey level or two on average.
         assert differences[i] < 2, differences
         assert all(d > 5 * differences[i] for j, d in enumerate(differences) if j != i)
 

@@ -367,7 +367,8 @@ def test_concurrent_http_requests_get_their_own_images(trained_checkpoint: Path)
         seeds = list(range(100, 112))
         alone = {seed: client.post("/sample", params={"seed": seed}).content for seed in seeds}
         name = client.get("/models").json()["default"]
-        labels = {"model": name, "op": "decode"}
+        # /sample from the fitted prior runs the "sample" op (decode, then the digit check).
+        labels = {"model": name, "op": "sample"}
         passes = metric(client, "vae_batch_size_count", labels)
         images = metric(client, "vae_batch_size_sum", labels)
         with ThreadPoolExecutor(len(seeds)) as pool:

@@ -112,7 +112,7 @@ def rounds(
             text = client.get("/metrics").text
             return {
                 op: metric(client, "vae_batch_size_count", {"model": name, "op": op}, text)
-                for op in ("encode", "decode", "reconstruct", "anomaly", "similar")
+                for op in ("encode", "decode", "sample", "reconstruct", "anomaly", "similar")
             }
 
         before = passes()
@@ -199,6 +199,7 @@ def test_variations_with_different_n_and_scale_share_passes(rounds: Rounds) -> N
     for key, call in VARIATIONS.items():
         assert len(rounds.together[key]["images"]) == call.params["n"], key
     # The encodes leave the queue in one pass; their decodes are all queued while the next
-    # op's pass runs, so they share one too (the other decode pass is the blocker's).
+    # op's pass runs, so they share one too (the blocker's /sample is a "sample" op).
     assert rounds.passes["encode"] == 1
-    assert rounds.passes["decode"] == 2
+    assert rounds.passes["decode"] == 1
+    assert rounds.passes["sample"] == 1

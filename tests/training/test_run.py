@@ -53,7 +53,30 @@ def test_final_checkpoint_holds_metrics_calibration_and_files(trained_checkpoint
 
     anomaly = metadata["anomaly"]
     assert anomaly["score_kind"] == "typicality-mahalanobis"
-    assert anomaly["statistics"] == ["log_squared_error", "log_kl", "mean_logvar"]
+    assert anomaly["statistics"] == [
+        "log_squared_error",
+        "log_local_error",
+        "reconstruction_ink",
+    ]
+    assert anomaly["statistics"] == metadata["model"]["anomaly_statistics"]
+    # The held-out sets are scored with the calibrated threshold, one row per set.
+    held_out = anomaly["held_out"]
+    assert held_out["part"] == "test" and len(held_out["sets"]) == 12
+    assert all(0.5 < row["auroc"] <= 1.0 for row in held_out["sets"].values())
+    assert held_out["summary"]["normal_flagged"] == anomaly["test_fpr"]
+
+    # The fits after training: the prior's card and file, a crisper decoder temperature.
+    assert metadata["prior"]["kind"] == "gaussian-mixture"
+    assert (trained_checkpoint / "prior.safetensors").is_file()
+    assert 0.2 <= metadata["model"]["decoder_temperature"] < 1.0
+    assert (
+        metadata["prior"]["decoder_temperature"]["value"]
+        == (metadata["model"]["decoder_temperature"])
+    )
+    assert set(training["evaluation_seconds"]) >= {
+        "fitting the decoder temperature and the latent prior",
+        "scoring the held-out anomaly sets",
+    }
     assert (anomaly["reference"], anomaly["calibration"]) == ("train split", "validation split")
     assert anomaly["fpr"] == 0.01 and anomaly["validation_size"] == 400
     quantiles = anomaly["quantiles"]
