@@ -21,7 +21,6 @@ from app.registry import LoadedModel
 from models import VAE
 from models.index import LatentIndex
 from models.prior import GaussianMixturePrior
-from models.vae import SAMPLE_ROUNDS
 
 MAX_DRAWN_SEED = 2**53 - 1  # drawn seeds stay exact in JavaScript numbers
 PriorName = Literal["fitted", "standard"]
@@ -132,13 +131,10 @@ class ModelHandle:
             if classes is not None:
                 digits = self._digits(n, digit, generator)
         else:
-            if classes is not None:
-                digits = self._digits(n, digit, generator)
-            groups = torch.zeros(n, dtype=torch.long) if digits is None else digits
-            checked = digits is not None and self.entry.model.digit_head is not None
+            given = None if digit is None or classes is None else torch.full((n,), digit)
             # The same draws as VAE.sample with this prior and seed: digits, then candidates.
-            candidates = fitted.candidates(
-                groups, temperature, generator, SAMPLE_ROUNDS if checked else 1
+            digits, candidates = self.entry.model.draw_from_prior(
+                n, given, temperature, generator, fitted
             )
             if digits is not None:
                 out = await self._submit("sample", {"candidates": candidates, "digit": digits})

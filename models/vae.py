@@ -219,11 +219,7 @@ class VAE(nn.Module):
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if prior is not None:
-            if y is None and self.config.num_classes is not None:
-                y = torch.randint(0, self.config.num_classes, (n,), generator=generator)
-            groups = torch.zeros(n, dtype=torch.long) if y is None else y.cpu()
-            checked = y is not None and self.digit_head is not None
-            candidates = prior.candidates(groups, temperature, generator, rounds if checked else 1)
+            y, candidates = self.draw_from_prior(n, y, temperature, generator, prior, rounds)
             candidates = candidates.to(self.device, self._dtype)
             if y is None:
                 z = candidates[:, 0]
@@ -239,6 +235,26 @@ class VAE(nn.Module):
                 0, self.config.num_classes, (n,), generator=generator, device=self.device
             )
         return Samples(images=self.decode(z, y), labels=y, latents=z)
+
+    def draw_from_prior(
+        self,
+        n: int,
+        y: Tensor | None,
+        temperature: float,
+        generator: torch.Generator | None,
+        prior: GaussianMixturePrior,
+        rounds: int = SAMPLE_ROUNDS,
+    ) -> tuple[Tensor | None, Tensor]:
+        """What sample() decodes from a fitted prior, drawn on the CPU in a fixed order: the
+        labels (n,) (y, or uniform draws for a conditional model given none; None when
+        unconditional), then the candidate latents (n, R, L), R = `rounds` when the digit head
+        checks them and 1 otherwise. The service draws through this too, so a seed gives the
+        same images from the service and from training.generate."""
+        if y is None and self.config.num_classes is not None:
+            y = torch.randint(0, self.config.num_classes, (n,), generator=generator)
+        groups = torch.zeros(n, dtype=torch.long) if y is None else y.cpu()
+        checked = y is not None and self.digit_head is not None
+        return y, prior.candidates(groups, temperature, generator, rounds if checked else 1)
 
     @staticmethod
     def interpolate(
