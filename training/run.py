@@ -255,10 +255,11 @@ def finish(
         "amp": trainer.use_amp,
         "evaluation_seconds": stages.seconds,
     }
-    # The latent index of the train split behind POST /similar (training/index.py).
-    index_bytes, index_card = build_checkpoint_index(
-        model, data.train, data.test, data.name, config.eval_batch_size
-    ).export()
+    with stages("building the latent index of the train split"):
+        # The index behind POST /similar (training/index.py).
+        index_bytes, index_card = build_checkpoint_index(
+            model, data.train, data.test, data.name, config.eval_batch_size
+        ).export()
     prior_bytes, prior_card = prior.export()
     prior_card["decoder_temperature"] = {"value": temperature, **sharpness}
     report = {
