@@ -1,5 +1,18 @@
 """Domain exceptions the service raises; the HTTP layer maps them to responses in one place."""
 
+from typing import Any
+
+# The Open Inference Protocol's routes, whose errors are {"error": ...} as the protocol says.
+V2_PREFIX = "/v2"
+
+
+def error_body(path: str, message: Any) -> dict[str, Any]:
+    """The JSON of an error answered to `path`: the REST API's {"detail": ...}, or under /v2
+    the Open Inference Protocol's {"error": "..."} (always text, as its clients expect)."""
+    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+        return {"error": message if isinstance(message, str) else str(message)}
+    return {"detail": message}
+
 
 class ServiceError(Exception):
     """A request the service refuses, with the HTTP status and metric label it maps to.

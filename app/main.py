@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from app.batching import MicroBatcher
-from app.errors import ServiceError, Unavailable
+from app.errors import ServiceError, Unavailable, error_body
 from app.inference import run_op, warm_up
 from app.metrics import Metrics
 from app.middleware import (
@@ -30,7 +30,7 @@ from app.middleware import (
     MetricsMiddleware,
 )
 from app.registry import LoadedModel, Registry
-from app.routes import analyze, bench, generate, similar, system, ui
+from app.routes import analyze, bench, generate, similar, system, ui, v2
 from app.settings import Settings
 from app.state import ServiceState
 
@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         lifespan=lifespan,
     )
     app.state.service = state
-    for module in (generate, analyze, similar, system, ui):
+    for module in (generate, analyze, similar, system, ui, v2):
         app.include_router(module.router)
     app.mount(ui.STATIC_PATH, ui.static_files(), name="static")
     if settings.enable_bench_routes:
@@ -136,7 +136,8 @@ def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
     async def service_error(request: Request, exc: ServiceError) -> Response:
         rejected.labels(exc.reason).inc()
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+        body = error_body(request.url.path, exc.detail)
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -148,22 +149,24 @@ def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
             {**error, "input": _clipped(error["input"])} if "input" in error else error
             for error in exc.errors()[:MAX_REPORTED_ERRORS]
         ]
-        return JSONResponse({"detail": _finite(jsonable_encoder(errors))}, status_code=422)
+        body = error_body(request.url.path, _finite(jsonable_encoder(errors)))
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code >= 400 and exc.status_code != 404:
             reason = {408: "body_timeout", 413: "too_large"}.get(exc.status_code, "invalid")
             rejected.labels(reason).inc()
-        return await http_exception_handler(request, exc)
+        body = error_body(request.url.path, exc.detail)
+        if "detail" in body:
+            return await http_exception_handler(request, exc)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         logger.error("unhandled error on %s: %r", request.url.path, exc, exc_info=exc)
-        return JSONResponse(
-            {"detail": "internal error; the request was not processed (see the server log)"},
-            status_code=500,
-        )
+        message = "internal error; the request was not processed (see the server log)"
+        return JSONResponse(error_body(request.url.path, message), status_code=500)
 
 
 def _clipped(value: Any, depth: int = 0) -> Any:

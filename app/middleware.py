@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import error_body
 from app.inference import parse_fault, requested_fault
 from app.metrics import Metrics
 
@@ -77,7 +78,9 @@ def _match_template(routes: list[Any], scope: Scope) -> str:
 
 # Probes and scrapes: answered within a reserve above the cap, so that an overloaded server
 # still reports its health and the metrics that show the overload.
-OPERATIONS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPERATIONS_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
+)
 
 
 class ConcurrencyLimitMiddleware:
@@ -101,11 +104,12 @@ class ConcurrencyLimitMiddleware:
         cap = self.limit + (self.reserve if scope["path"] in OPERATIONS_PATHS else 0)
         if self.in_progress >= cap:
             self.metrics.requests_rejected.labels("concurrency").inc()
+            message = (
+                f"the server is at its limit of {self.limit} requests in progress "
+                "(VAE_MAX_CONCURRENCY); retry shortly"
+            )
             response = JSONResponse(
-                {
-                    "detail": f"the server is at its limit of {self.limit} requests in progress "
-                    "(VAE_MAX_CONCURRENCY); retry shortly"
-                },
+                error_body(scope["path"], message),
                 status_code=503,
                 # The body is never read, so the connection cannot carry another request.
                 headers={"Retry-After": "1", "Connection": "close"},
@@ -141,7 +145,7 @@ class BodySizeLimitMiddleware:
         limit = self.multipart_limit if multipart else self.other_limit
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send, limit)
+            await self._reject(send, limit, scope["path"])
             return
         received = 0
 
@@ -158,9 +162,9 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, limited_receive, send)
 
-    async def _reject(self, send: Send, limit: int) -> None:
+    async def _reject(self, send: Send, limit: int, path: str) -> None:
         self.metrics.requests_rejected.labels("too_large").inc()
-        body = json.dumps({"detail": _too_large(limit)}).encode()
+        body = json.dumps(error_body(path, _too_large(limit))).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -239,7 +243,7 @@ class FaultInjectionMiddleware:
         try:
             fault = 0.0 if header is None else parse_fault(header.decode("latin-1"))
         except ValueError as exc:
-            response = JSONResponse({"detail": str(exc)}, status_code=400)
+            response = JSONResponse(error_body(scope["path"], str(exc)), status_code=400)
             await response(scope, receive, send)
             return
         # Every request gets a value (0: no fault), so that all jobs carry the fault column

@@ -7,7 +7,7 @@ reproducible from its seed whatever else is in the batch.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +24,9 @@ from models.prior import GaussianMixturePrior
 
 MAX_DRAWN_SEED = 2**53 - 1  # drawn seeds stay exact in JavaScript numbers
 PriorName = Literal["fitted", "standard"]
+# The digit of a request: one for every image, one per image (the v2 API), or None (the
+# model predicts or draws it).
+Digits = int | Sequence[int] | None
 
 
 def draw_seed() -> int:
@@ -64,7 +67,7 @@ class ModelHandle:
     def num_classes(self) -> int | None:
         return self.entry.model.config.num_classes
 
-    def check_digit(self, digit: int | None, what: str = "digit") -> None:
+    def check_digit(self, digit: Digits, what: str = "digit") -> None:
         """400 when a digit does not fit the model: unconditional, or out of range."""
         if digit is None:
             return
@@ -73,16 +76,26 @@ class ModelHandle:
                 f"model {self.name!r} is unconditional: it takes no {what}; omit it, or use a "
                 "conditional model (GET /models)"
             )
-        if not 0 <= digit < self.num_classes:
-            raise BadRequest(f"{what} must be in 0..{self.num_classes - 1}, got {digit}")
+        for value in [digit] if isinstance(digit, int) else digit:
+            if not 0 <= value < self.num_classes:
+                raise BadRequest(f"{what} must be in 0..{self.num_classes - 1}, got {value}")
+
+    @staticmethod
+    def _digit_column(digit: int | Sequence[int], n: int) -> Tensor:
+        """The digit of each of n rows."""
+        if isinstance(digit, int):
+            return torch.full((n,), digit, dtype=torch.long)
+        if len(digit) != n:
+            raise BadRequest(f"{len(digit)} digits were given for {n} images; give one per image")
+        return torch.tensor(list(digit), dtype=torch.long)
 
     def _labels(self, digits: Tensor) -> dict[str, Tensor]:
         return {} if self.num_classes is None else {"labels": one_hot(digits, self.num_classes)}
 
-    def _digit_input(self, digit: int | None, n: int) -> dict[str, Tensor]:
+    def _digit_input(self, digit: Digits, n: int) -> dict[str, Tensor]:
         if self.num_classes is None:
             return {}
-        return {"digit": torch.full((n,), NO_DIGIT if digit is None else digit, dtype=torch.long)}
+        return {"digit": self._digit_column(NO_DIGIT if digit is None else digit, n)}
 
     async def _submit(self, op: str, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         fault = requested_fault.get()
@@ -114,12 +127,13 @@ class ModelHandle:
     async def sample(
         self,
         n: int,
-        digit: int | None,
+        digit: Digits,
         temperature: float,
         seed: int,
         prior: PriorName | None = None,
     ) -> Generated:
-        """n draws from the fitted prior (per digit) or N(0, I), decoded."""
+        """n draws from the fitted prior (per digit) or N(0, I), decoded. Digits given, one for
+        all or one per image, draw the same as each other (no draw is spent on them)."""
         self.check_digit(digit)
         name, fitted = self.prior(prior)
         generator = torch.Generator().manual_seed(seed)
@@ -144,12 +158,12 @@ class ModelHandle:
         images = await self.decode(z, labels)
         return Generated(images, None if digits is None else digits.tolist(), z, name)
 
-    def _digits(self, n: int, digit: int | None, generator: torch.Generator) -> Tensor:
+    def _digits(self, n: int, digit: Digits, generator: torch.Generator) -> Tensor:
         if digit is not None:
-            return torch.full((n,), digit, dtype=torch.long)
+            return self._digit_column(digit, n)
         return torch.randint(0, self.num_classes or 0, (n,), generator=generator)
 
-    async def encode(self, x: Tensor, digit: int | None) -> dict[str, Tensor]:
+    async def encode(self, x: Tensor, digit: Digits) -> dict[str, Tensor]:
         """mu, logvar (N, L) and, for conditional models, the digit used and its probability."""
         self.check_digit(digit)
         return await self._submit("encode", {"x": x, **self._digit_input(digit, len(x))})

@@ -1,0 +1,220 @@
+"""The Open Inference Protocol (KServe v2, as Triton speaks it): health, metadata, inference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import NotReady
+from app.registry import Registry
+from app.state import ServiceState, StateDep
+from app.v2_models import VERSION, V2Model, find_model, infer
+from app.v2_protocol import (
+    BINARY_TYPE,
+    HEADER_LENGTH,
+    InferenceRequest,
+    InferenceResponse,
+    decode_request,
+    encode_response,
+)
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+SERVER_NAME = "vae-serve"
+EXTENSIONS = ["binary_tensor_data", "parameters"]
+# Bodies and outputs past these sizes are parsed or encoded in a worker thread, so that a
+# large JSON tensor never stalls the event loop; small ones are cheaper inline.
+INLINE_BODY_BYTES = 64 * 1024
+INLINE_OUTPUT_VALUES = 4096
+
+
+class V2Error(BaseModel):
+    error: str = Field(description="What was wrong and how to fix it.")
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Liveness(BaseModel):
+    live: bool
+
+
+class Readiness(BaseModel):
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1: any size.")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+_ERRORS = {
+    400: "A malformed request, or a tensor of the wrong name, datatype, shape or size.",
+    404: "No such v2 model (`<model>-<op>`) or version.",
+    408: "The request body stalled past VAE_BODY_TIMEOUT_S.",
+    413: "Over a configured limit: body bytes or images.",
+    503: "Not ready or overloaded; see Retry-After.",
+    504: "The request waited past its deadline.",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": V2Error, "description": _ERRORS[code]} for code in codes}
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its $defs put in place, to stand alone in openapi_extra."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    result: dict[str, Any] = resolve(schema)
+    return result
+
+
+INFER_OPENAPI = {
+    "parameters": [
+        {
+            "name": HEADER_LENGTH,
+            "in": "header",
+            "required": False,
+            "description": "Binary tensor data extension: the byte length of the JSON that "
+            "starts the body; the inputs' raw bytes follow it.",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _inlined(InferenceRequest.model_json_schema())},
+            BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": InferenceResponse,
+        "description": "JSON, or with binary outputs the JSON (its length in the "
+        f"{HEADER_LENGTH} header) followed by their bytes.",
+        "content": {BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **_errors(400, 404, 408, 413, 503, 504),
+}
+ModelName = Annotated[str, Path(description="`<model>-<op>`, e.g. default-decode.")]
+VERSION_PARAMETER = {
+    "name": "model_version",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "description": "The model's one version: 1."},
+}
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+def model_route(method: str, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """Register an endpoint at /v2/models/{model_name}<path> and at its twin with the optional
+    /versions/{model_version} segment (which the v2_model dependency reads from the path)."""
+    extra = options.pop("openapi_extra", {})
+    versioned = {**extra, "parameters": [*extra.get("parameters", []), VERSION_PARAMETER]}
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        for template, openapi_extra in (
+            ("/models/{model_name}", extra),
+            ("/models/{model_name}/versions/{model_version}", versioned),
+        ):
+            router.add_api_route(
+                template + path,
+                endpoint,
+                methods=[method],
+                openapi_extra=openapi_extra or None,
+                **options,
+            )
+        return endpoint
+
+    return register
+
+
+def _registry(state: ServiceState) -> Registry:
+    if not state.ready or state.registry is None:
+        raise NotReady("models are still loading; retry when GET /v2/health/ready answers 200")
+    return state.registry
+
+
+async def v2_model(request: Request, state: StateDep, model_name: ModelName) -> V2Model:
+    """The v2 model a route names, at the version its path gives, if it gives one."""
+    return find_model(_registry(state), model_name, request.path_params.get("model_version"))
+
+
+V2ModelDep = Annotated[V2Model, Depends(v2_model)]
+
+
+@router.get("", response_model=ServerMetadata)
+async def server_metadata(request: Request) -> ServerMetadata:
+    """The server's name, version and protocol extensions."""
+    return ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=EXTENSIONS)
+
+
+@router.get("/health/live", response_model=Liveness)
+async def live() -> Liveness:
+    """200 while the process lives (as /healthz)."""
+    return Liveness(live=True)
+
+
+@router.get("/health/ready", response_model=Readiness, responses=_errors(503))
+async def ready(state: StateDep) -> Readiness:
+    """200 once every model is loaded and warmed up (as /readyz); 503 before."""
+    _registry(state)
+    return Readiness(ready=True)
+
+
+@model_route("GET", "", response_model=ModelMetadata, responses=_errors(404, 503))
+async def model_metadata(model: V2ModelDep) -> ModelMetadata:
+    """A v2 model's versions, platform, and input and output tensors."""
+    return ModelMetadata.model_validate(model.metadata())
+
+
+@model_route("GET", "/ready", response_model=Readiness, responses=_errors(404, 503))
+async def model_ready(model: V2ModelDep) -> Readiness:
+    """200 when the v2 model is loaded and warmed up."""
+    return Readiness(ready=True)
+
+
+@model_route("POST", "/infer", responses=INFER_RESPONSES, openapi_extra=INFER_OPENAPI)
+async def model_infer(request: Request, state: StateDep, model: V2ModelDep) -> Response:
+    """Run a v2 model on tensors in JSON or binary (the binary tensor data extension)."""
+    body = await request.body()
+    header_length = request.headers.get(HEADER_LENGTH)
+    if len(body) > INLINE_BODY_BYTES:
+        decoded = await run_in_threadpool(decode_request, body, header_length)
+    else:
+        decoded = decode_request(body, header_length)
+    handle = state.handle(model.entry.name)
+    outputs, parameters = await infer(model, decoded, handle, state.settings, state.metrics)
+    encode = (model.name, VERSION, decoded.id, parameters, outputs)
+    if sum(output.array.size for output in outputs) > INLINE_OUTPUT_VALUES:
+        content, headers = await run_in_threadpool(encode_response, *encode)
+    else:
+        content, headers = encode_response(*encode)
+    return Response(content, headers=headers)

@@ -1,0 +1,376 @@
+"""The v2 models: each op of each loaded model is one Open Inference Protocol model named
+`<model>-<op>`, with the tensors it takes and gives; it runs through the model's ModelHandle,
+so through the same micro-batcher, limits and metrics as the REST routes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, cast, get_args
+
+import numpy as np
+import torch
+
+from app.errors import BadRequest, ModelNotFound, PayloadTooLarge
+from app.imaging import IMAGE_SIDE
+from app.inference import one_hot
+from app.metrics import Metrics
+from app.predict import ModelHandle, PriorName, draw_seed
+from app.registry import LoadedModel, Registry
+from app.settings import Settings
+from app.v2_protocol import DecodedRequest, OutputTensor, ParameterValue
+
+VERSION = "1"  # each checkpoint is served as one version; a new checkpoint is a new rollout
+PLATFORM = "pytorch"
+OPS = ("decode", "sample", "encode", "anomaly")
+MAX_SEED = 2**63 - 1
+MAX_TEMPERATURE = 2.0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's name, datatype and shape (-1: any size) as the model metadata gives them."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.datatype} {list(self.shape)})"
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.shape) and all(
+            want in (-1, got) for want, got in zip(self.shape, shape, strict=True)
+        )
+
+
+@dataclass(frozen=True)
+class V2Model:
+    """One op of one loaded model, as a v2 model."""
+
+    name: str
+    op: str
+    entry: LoadedModel
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    required: frozenset[str] = frozenset()
+    parameters: tuple[str, ...] = ()  # the request parameters it takes
+
+    def metadata(self) -> dict[str, Any]:
+        """GET /v2/models/{name}: the protocol's $metadata_model_response."""
+        return {
+            "name": self.name,
+            "versions": [VERSION],
+            "platform": PLATFORM,
+            "inputs": [spec.describe() for spec in self.inputs],
+            "outputs": [spec.describe() for spec in self.outputs],
+        }
+
+
+def _fp32(name: str, *shape: int) -> TensorSpec:
+    return TensorSpec(name, "FP32", shape)
+
+
+def _int64(name: str, *shape: int) -> TensorSpec:
+    return TensorSpec(name, "INT64", shape)
+
+
+IMAGES = _fp32("images", -1, IMAGE_SIDE, IMAGE_SIDE)
+DIGIT = _int64("digit", -1)
+DIGIT_PROBABILITY = _fp32("digit_probability", -1)
+# Sample's options, as [1]-shaped inputs or as request parameters of the same name.
+COUNT, SEED, TEMPERATURE = _int64("n", 1), _int64("seed", 1), _fp32("temperature", 1)
+
+
+def models_of(entry: LoadedModel) -> list[V2Model]:
+    """The v2 models of one loaded model: anomaly only when its checkpoint is calibrated."""
+    latent = _fp32("z", -1, entry.latent_dim)
+    digit = (DIGIT,) if entry.conditional else ()
+    predicted = (DIGIT, DIGIT_PROBABILITY) if entry.conditional else ()
+    name = entry.name
+    models = [
+        V2Model(
+            f"{name}-decode",
+            "decode",
+            entry,
+            inputs=(latent, *digit),
+            outputs=(IMAGES,),
+            required=frozenset({"z", *(d.name for d in digit)}),
+        ),
+        V2Model(
+            f"{name}-sample",
+            "sample",
+            entry,
+            inputs=(*digit, COUNT, SEED, TEMPERATURE),
+            outputs=(IMAGES, *digit, latent),
+            parameters=("n", "seed", "temperature", "prior"),
+        ),
+        V2Model(
+            f"{name}-encode",
+            "encode",
+            entry,
+            inputs=(IMAGES, *digit),
+            outputs=(
+                _fp32("mu", -1, entry.latent_dim),
+                _fp32("logvar", -1, entry.latent_dim),
+                *predicted,
+            ),
+            required=frozenset({"images"}),
+        ),
+    ]
+    if bool(entry.model.anomaly_fitted) and entry.anomaly_threshold is not None:
+        percentile = (_fp32("percentile", -1),) if entry.anomaly_quantiles.numel() >= 2 else ()
+        models.append(
+            V2Model(
+                f"{name}-anomaly",
+                "anomaly",
+                entry,
+                inputs=(IMAGES,),
+                outputs=(
+                    _fp32("score", -1),
+                    TensorSpec("is_anomaly", "BOOL", (-1,)),
+                    *predicted,
+                    *percentile,
+                ),
+                required=frozenset({"images"}),
+                parameters=("threshold",),
+            )
+        )
+    return models
+
+
+def find_model(registry: Registry, name: str, version: str | None) -> V2Model:
+    """The v2 model `name` (`<model>-<op>`) at `version` (None: its one version), or a 404."""
+    model_name, _, _ = name.rpartition("-")
+    entry = registry.models.get(model_name)
+    found = [m for m in models_of(entry) if m.name == name] if entry is not None else []
+    if not found:
+        known = [m.name for e in registry.models.values() for m in models_of(e)]
+        raise ModelNotFound(
+            f"no v2 model named {name!r}; this server has {', '.join(known)} "
+            f"(<model>-<op>, for the models of GET /models and the ops {', '.join(OPS)})"
+        )
+    if version is not None and version != VERSION:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; its one version is 1")
+    return found[0]
+
+
+@dataclass
+class Context:
+    """What an op needs besides its tensors."""
+
+    handle: ModelHandle
+    settings: Settings
+    metrics: Metrics
+    options: dict[str, ParameterValue] = field(default_factory=dict)
+
+
+Outputs = dict[str, np.ndarray]
+Result = tuple[Outputs, dict[str, ParameterValue]]  # outputs, response parameters
+Run = Callable[[dict[str, np.ndarray], Context], Awaitable[Result]]
+
+
+async def infer(
+    model: V2Model,
+    request: DecodedRequest,
+    handle: ModelHandle,
+    settings: Settings,
+    metrics: Metrics,
+) -> tuple[list[OutputTensor], dict[str, ParameterValue]]:
+    """Check the request against the model's tensors, run its op, pick the wanted outputs."""
+    tensors = _checked_inputs(model, request)
+    unknown = sorted(set(request.parameters) - set(model.parameters))
+    if unknown:
+        takes = ", ".join(model.parameters) or "none"
+        raise BadRequest(
+            f"model {model.name!r} takes no parameter {unknown[0]!r}; the parameters it takes: "
+            f"{takes}"
+        )
+    specs = {spec.name: spec for spec in model.outputs}
+    wanted = request.outputs
+    if wanted is None:
+        wanted = {name: request.binary_outputs for name in specs}
+    for name in wanted:
+        if name not in specs:
+            raise BadRequest(
+                f"model {model.name!r} has no output {name!r}; its outputs: "
+                f"{', '.join(map(str, model.outputs))}"
+            )
+    context = Context(handle, settings, metrics, dict(request.parameters))
+    outputs, parameters = await RUNS[model.op](tensors, context)
+    chosen = [
+        OutputTensor(name, specs[name].datatype, outputs[name], binary)
+        for name, binary in wanted.items()
+    ]
+    return chosen, parameters
+
+
+def _checked_inputs(model: V2Model, request: DecodedRequest) -> dict[str, np.ndarray]:
+    """The request's tensors, each a known input of the right datatype and shape, with the
+    required ones there and every batch of the same size."""
+    specs = {spec.name: spec for spec in model.inputs}
+    for name, array in request.tensors.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise BadRequest(
+                f"model {model.name!r} has no input {name!r}; its inputs: "
+                f"{', '.join(map(str, model.inputs))}"
+            )
+        if request.datatypes[name] != spec.datatype:
+            raise BadRequest(
+                f"input {name!r} must be {spec.datatype}, got {request.datatypes[name]}"
+            )
+        if not spec.fits(array.shape):
+            raise BadRequest(
+                f"input {name!r} must have shape {list(spec.shape)} (-1: any size), got "
+                f"{list(array.shape)}"
+            )
+    missing = sorted(model.required - set(request.tensors))
+    if missing:
+        raise BadRequest(f"model {model.name!r} needs input {specs[missing[0]]}")
+    batched = {n: a.shape[0] for n, a in request.tensors.items() if specs[n].shape[0] == -1}
+    if len(set(batched.values())) > 1:
+        sizes = ", ".join(f"{n}: {rows}" for n, rows in batched.items())
+        raise BadRequest(f"the inputs' first dimensions must agree, got {sizes}")
+    return request.tensors
+
+
+def _option(
+    name: str, tensors: dict[str, np.ndarray], context: Context, kind: type[int] | type[float]
+) -> int | float | None:
+    """An option given as a [1]-shaped input or as a request parameter (not both)."""
+    parameter = context.options.get(name)
+    tensor = tensors.get(name)
+    if tensor is not None:
+        if parameter is not None:
+            raise BadRequest(f"{name!r} is given as an input and as a parameter; give it once")
+        return kind(tensor.reshape(-1)[0])
+    if parameter is None:
+        return None
+    if isinstance(parameter, bool) or not isinstance(parameter, int | float):
+        raise BadRequest(f"parameter {name!r} must be a number, got {parameter!r}")
+    if kind is int and not isinstance(parameter, int):
+        raise BadRequest(f"parameter {name!r} must be an integer, got {parameter!r}")
+    return kind(parameter)
+
+
+def _rows(array: np.ndarray, name: str, limit: int, setting: str) -> int:
+    rows = array.shape[0]
+    if rows < 1:
+        raise BadRequest(f"input {name!r} has no rows; send at least one")
+    if rows > limit:
+        raise BadRequest(f"input {name!r} has {rows} rows, over this server's {limit} ({setting})")
+    return rows
+
+
+def _finite(array: np.ndarray, name: str) -> torch.Tensor:
+    if not np.isfinite(array).all():
+        raise BadRequest(f"input {name!r} holds NaN or infinite values")
+    return torch.from_numpy(array)
+
+
+def _images(tensors: dict[str, np.ndarray], context: Context) -> torch.Tensor:
+    """The `images` input as (N, 1, 28, 28), checked: pixel values in [0, 1], within limits."""
+    images = tensors["images"]
+    limit = context.settings.max_files
+    if images.shape[0] > limit:
+        raise PayloadTooLarge(
+            f"input 'images' has {images.shape[0]} images; at most {limit} per request "
+            "(VAE_MAX_FILES)"
+        )
+    _rows(images, "images", limit, "VAE_MAX_FILES")
+    x = _finite(images, "images")
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
+        raise BadRequest(
+            "input 'images' must hold pixel values in [0, 1] (white digits on black, as "
+            f"MNIST); got values from {images.min():g} to {images.max():g}"
+        )
+    return x[:, None]
+
+
+def _digits(tensors: dict[str, np.ndarray]) -> list[int] | None:
+    digit = tensors.get("digit")
+    return None if digit is None else [int(d) for d in digit]
+
+
+async def _decode(tensors: dict[str, np.ndarray], context: Context) -> Result:
+    handle = context.handle
+    z = tensors["z"]
+    _rows(z, "z", context.settings.max_samples, "VAE_MAX_SAMPLES")
+    labels = None
+    if handle.num_classes is not None:
+        digits = _digits(tensors)
+        handle.check_digit(digits)
+        labels = one_hot(torch.tensor(digits), handle.num_classes)
+    images = await handle.decode(_finite(z, "z"), labels)
+    return {"images": images[:, 0].numpy()}, {}
+
+
+async def _sample(tensors: dict[str, np.ndarray], context: Context) -> Result:
+    handle = context.handle
+    digits = _digits(tensors)
+    count = _option("n", tensors, context, int)
+    n = int(count if count is not None else (1 if digits is None else len(digits)))
+    if digits is not None and n != len(digits):
+        raise BadRequest(f"n is {n} but {len(digits)} digits were given; give one per image")
+    limit = context.settings.max_samples
+    if not 1 <= n <= limit:
+        raise BadRequest(f"n must be in 1..{limit} (VAE_MAX_SAMPLES), got {n}")
+    seed = _option("seed", tensors, context, int)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise BadRequest(f"seed must be in 0..{MAX_SEED}, got {seed}")
+    temperature = _option("temperature", tensors, context, float)
+    temperature = 1.0 if temperature is None else temperature
+    if not 0.0 < temperature <= MAX_TEMPERATURE:
+        raise BadRequest(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
+    prior = context.options.get("prior")
+    if prior is not None and prior not in get_args(PriorName):
+        raise BadRequest(f"parameter 'prior' must be fitted or standard, got {prior!r}")
+    seed = draw_seed() if seed is None else int(seed)
+    chosen = cast("PriorName | None", prior)
+    generated = await handle.sample(n, digits, temperature, seed, chosen)
+    outputs = {"images": generated.images[:, 0].numpy(), "z": generated.latents.numpy()}
+    if generated.digits is not None:
+        outputs["digit"] = np.asarray(generated.digits, dtype=np.int64)
+    return outputs, {"seed": seed, "prior": generated.prior or "standard"}
+
+
+async def _encode(tensors: dict[str, np.ndarray], context: Context) -> Result:
+    encoded = await context.handle.encode(_images(tensors, context), _digits(tensors))
+    return {name: value.numpy() for name, value in encoded.items()}, {}
+
+
+async def _anomaly(tensors: dict[str, np.ndarray], context: Context) -> Result:
+    handle = context.handle
+    threshold = _option("threshold", {}, context, float)
+    if threshold is not None and not math.isfinite(threshold):
+        raise BadRequest(f"parameter 'threshold' must be finite, got {threshold}")
+    out = await handle.anomaly(_images(tensors, context))
+    entry = handle.entry
+    limit = entry.anomaly_threshold if threshold is None else threshold
+    assert limit is not None  # find_model offers anomaly only for calibrated models
+    scores = out["score"].numpy()
+    histogram = context.metrics.anomaly_score.labels(handle.name)
+    for score in scores.tolist():
+        histogram.observe(score)
+    outputs = {"score": scores, "is_anomaly": scores > limit}
+    if entry.anomaly_quantiles.numel() >= 2:
+        outputs["percentile"] = np.asarray(
+            [entry.percentile(score) for score in scores.tolist()], dtype=np.float32
+        )
+    for name in ("digit", "digit_probability"):
+        if name in out:
+            outputs[name] = out[name].numpy()
+    return outputs, {"threshold": limit}
+
+
+RUNS: dict[str, Run] = {
+    "decode": _decode,
+    "sample": _sample,
+    "encode": _encode,
+    "anomaly": _anomaly,
+}
