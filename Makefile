@@ -24,8 +24,18 @@ run: setup
 train: setup
 	$(PY) -m training --preset default --out $(CHECKPOINT)
 
-test: setup
-	$(PY) -m pytest
+# checkov and kserve (tests/deploy/) get a venv of their own: their pins (packaging<24,
+# networkx<3, pandas<3, protobuf<7) would downgrade the project's dependencies.
+TOOLS ?= $(VENV)/tools
+TOOLS_SPEC ?= 'checkov>=3.2,<4' 'kserve>=0.15,<1'
+
+$(TOOLS)/.installed:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet $(TOOLS_SPEC)
+	touch $@
+
+test: setup $(TOOLS)/.installed
+	DEPLOY_TOOLS=$(TOOLS) $(PY) -m pytest
 
 # The benchmark suite (bench/): about 10 minutes, loopback only; writes bench/results/latest.*.
 # BENCH_ARGS="--quick" for a smoke run, or name sections: BENCH_ARGS="serving batching".
