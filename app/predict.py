@@ -145,7 +145,7 @@ class ModelHandle:
             if classes is not None:
                 digits = self._digits(n, digit, generator)
         else:
-            given = None if digit is None or classes is None else torch.full((n,), digit)
+            given = None if digit is None or classes is None else self._digit_column(digit, n)
             # The same draws as VAE.sample with this prior and seed: digits, then candidates.
             digits, candidates = self.entry.model.draw_from_prior(
                 n, given, temperature, generator, fitted
