@@ -203,6 +203,8 @@ def cluster(
         # single-machine mode; without it Ray takes the machine's address even when told
         # 127.0.0.1), no usage statistics sent, and this checkout's packages in every worker.
         environment.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # This process imported Ray (at collection) before the variable was set: its reading.
+        environment.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
         environment.setenv("RAY_USAGE_STATS_ENABLED", "0")
         environment.setenv("PYTHONPATH", str(REPO), prepend=os.pathsep)
         context = ray.init(
