@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         "port": settings.port,
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": settings.shutdown_drain_s,
+        # The server measured in bench/ and README: h11 on asyncio. uvicorn's "auto" would pick
+        # httptools and uvloop whenever they are installed, as the `ray` extra installs them
+        # (uvicorn[standard]), and the same command would then run another server.
+        "http": "h11",
+        "loop": "asyncio",
         # No limit_concurrency: the app caps requests in progress itself (VAE_MAX_CONCURRENCY,
         # app.middleware.ConcurrencyLimitMiddleware), where its 503s are counted. uvicorn's cap
         # answered before the app, invisibly, and counted idle keep-alive connections too, so

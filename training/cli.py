@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from models import CheckpointError
 from models.config import ANOMALY_STATISTIC_NAMES, ARCHITECTURES, LIKELIHOODS
 from training.checkpoints import TRAIN_STATE_DIR
-from training.cliutil import OneLineErrorParser, report_error
+from training.cliutil import EXIT_BAD_INPUT, OneLineErrorParser, report_error
 from training.config import LR_SCHEDULES, ConfigError, TrainConfig
 from training.data import DataError
+from training.distributed import (
+    Distributed,
+    PeerFailed,
+    environment_rank,
+    environment_world_size,
+    launched_by_torchrun,
+)
 from training.presets import PRESETS
-from training.run import RunResult, train
+from training.run import RunResult, check_for_torchrun, train, train_distributed
 from training.trainer import TrainingError
 
 # Exit code of a run that started but could not finish (e.g. the loss diverged).
@@ -41,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training",
         description=(
             "Train a VAE on MNIST and write an evaluated checkpoint. A preset sets every knob; "
-            "each flag given overrides the preset."
+            "each flag given overrides the preset. Under `torchrun --nproc-per-node N -m "
+            "training ...` it trains data-parallel on N processes (DistributedDataParallel; "
+            "--batch-size is the global batch, split among them)."
         ),
     )
     add = parser.add_argument
@@ -197,25 +208,58 @@ def summary(result: RunResult) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Under torchrun every rank runs this; rank 0 alone logs, prints and reports errors that
+    # every rank meets alike (flags, settings), so each is said once.
+    rank = environment_rank()
+    quiet = contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext()
+    with quiet:
+        args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
     try:
         config = config_from_args(args)
     except ConfigError as exc:
-        return report_error(exc)
+        return report_error(exc) if rank == 0 else EXIT_BAD_INPUT
+    if not launched_by_torchrun():
+        return _run(lambda: train(config), config)
     try:
-        result = train(config)
+        check_for_torchrun(config, environment_world_size())
+    except ConfigError as exc:
+        return report_error(exc) if rank == 0 else EXIT_BAD_INPUT
+    try:
+        distributed = Distributed.start(config.device)
+    except ConfigError as exc:
+        return report_error(exc, rank)
+    try:
+        return _run(lambda: train_distributed(config, distributed), config, rank)
+    finally:
+        distributed.close()
+
+
+def _run(run: Callable[[], RunResult | None], config: TrainConfig, rank: int = 0) -> int:
+    """Run the training; print its summary (rank 0) or its error as one line."""
+    try:
+        result = run()
+    except PeerFailed:
+        return EXIT_BAD_INPUT  # rank 0 said why
     except (ConfigError, DataError, CheckpointError) as exc:
-        return report_error(exc)
+        return report_error(exc, rank)
     except TrainingError as exc:
-        report_error(exc)
+        # The ranks agree on the losses and the validation score, so all stop together.
+        if rank == 0:
+            report_error(exc)
         return EXIT_TRAINING_FAILED
     except KeyboardInterrupt:
-        print(
-            f"interrupted: run again with --resume to continue from the last finished epoch "
-            f"in {config.out_dir / TRAIN_STATE_DIR / 'last'}",
-            file=sys.stderr,
-        )
+        if rank == 0:
+            print(
+                f"interrupted: run again with --resume to continue from the last finished "
+                f"epoch in {config.out_dir / TRAIN_STATE_DIR / 'last'}",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED
-    print(summary(result))
+    if result is not None:
+        print(summary(result))
     return 0

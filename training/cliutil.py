@@ -17,8 +17,10 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
 
 
-def report_error(error: Exception) -> int:
-    """Print `error: <message>` on stderr as one line; return the bad-input exit code."""
+def report_error(error: Exception, rank: int = 0) -> int:
+    """Print `error: <message>` on stderr as one line (`rank N: error: ...` from a torchrun
+    rank other than 0); return the bad-input exit code."""
     message = " ".join(str(error).split()) or type(error).__name__
-    print(f"error: {message}", file=sys.stderr)
+    prefix = f"rank {rank}: " if rank else ""
+    print(f"{prefix}error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT

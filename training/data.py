@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -133,6 +132,12 @@ class Batches:
 
     x: (B, 1, 28, 28) float32 in [0, 1] (only 0 and 1 when binarize=True); y: (B,) int64.
     Each iteration is one epoch with a fresh permutation drawn from `generator`.
+
+    Data-parallel training (world_size > 1): every rank draws the same permutation (and the
+    same binarisation noise) from its identically seeded generator, cuts it into the same
+    global batches of `batch_size` images, and yields only its own consecutive share of each,
+    batch_size / world_size images. A short last batch is shared as evenly as possible
+    (tensor_split), and left out when it has fewer images than there are ranks.
     """
 
     def __init__(
@@ -143,20 +148,33 @@ class Batches:
         generator: torch.Generator | None = None,
         binarize: bool = False,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}: use e.g. 128")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not one of the {world_size} ranks 0..{world_size - 1}")
+        if batch_size % world_size:
+            raise DataError(
+                f"the batch size {batch_size} (the global batch, over all processes) does not "
+                f"divide among {world_size} processes: use a multiple of {world_size}"
+            )
         self.split = split
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
         self.binarize = binarize
         self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return len(self.split) // self.batch_size
-        return math.ceil(len(self.split) / self.batch_size)
+        full, rest = divmod(len(self.split), self.batch_size)
+        # A last batch too short to give every rank an image would leave one with nothing.
+        if self.drop_last or rest < self.world_size:
+            return full
+        return full + 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.split.images, self.split.labels
@@ -172,11 +190,28 @@ class Batches:
         order = order.to(device)
         for batch in range(len(self)):
             positions = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            if self.binarize:
+                # Drawn for the whole global batch, so every rank's generator stays in step.
+                noise = torch.rand(
+                    (len(positions), *IMAGE_SHAPE), generator=self.generator, device=random_device
+                )
+            if self.world_size > 1:
+                share = _share(len(positions), self.rank, self.world_size)
+                positions = positions[share]
+                if self.binarize:
+                    noise = noise[share]
             x = to_float(images[positions])
             if self.binarize:
-                noise = torch.rand(x.shape, generator=self.generator, device=random_device)
                 x = (noise.to(device) < x).to(torch.float32)
             yield x, labels[positions]
+
+
+def _share(count: int, rank: int, world_size: int) -> slice:
+    """`rank`'s consecutive part of `count` items cut into `world_size` parts as tensor_split
+    cuts them: the first count % world_size parts hold one item more."""
+    size, extra = divmod(count, world_size)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (1 if rank < extra else 0))
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

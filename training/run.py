@@ -7,11 +7,11 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -24,11 +24,13 @@ from training.checkpoints import (
     STATE_FILE,
     TRAIN_STATE_DIR,
     CheckpointCallback,
+    ResumePoint,
     load_resume_point,
     train_state_dir,
 )
 from training.config import ConfigError, TrainConfig, resolve_device
 from training.data import Batches, MNISTData, Split, load_dataset
+from training.distributed import Distributed, rank_seed
 from training.evaluate import anomaly_report, calibrate_anomaly, evaluate
 from training.generate import png_bytes, sample_grid
 from training.index import INDEX_FILE, build_checkpoint_index
@@ -45,6 +47,13 @@ METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.png"
 # Where an adversarial run trains its plain twin, inside its train_state/.
 BASELINE_DIR = "baseline"
+ADVERSARIAL_UNDER_TORCHRUN = (
+    "--adversarial does not run under torchrun: its discriminator and classifier take "
+    "optimiser steps of their own inside the loss, which DistributedDataParallel does not "
+    "synchronise; train it in one process: python -m training --preset cvae-gan"
+)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -104,17 +113,76 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
     Every check that can fail on bad input (device, TensorBoard, output folder, data, resume
     state) runs before anything is written. `callbacks` run after the built-in ones.
     """
-    device = resolve_device(config.device)
+    fitted = _fit(config, callbacks, None)
+    return finish(config, fitted.data, fitted.trainer, fitted.device, fitted.baseline)
+
+
+def train_distributed(
+    config: TrainConfig, distributed: Distributed, callbacks: Sequence[Callback] = ()
+) -> RunResult | None:
+    """`train` as one rank of a torchrun job: every rank trains its share of each batch under
+    DistributedDataParallel (config.batch_size is the global batch); rank 0 alone checks and
+    writes the output folder, validates, logs and, after training, fits, evaluates and writes
+    the final checkpoint, which it returns. The other ranks return None once training ends.
+    `callbacks` run on every rank."""
+    check_for_torchrun(config, distributed.world_size)
+    fitted = _fit(config, callbacks, distributed)
+    if not distributed.is_main:
+        return None
+    return finish(config, fitted.data, fitted.trainer, fitted.device, fitted.baseline)
+
+
+def check_for_torchrun(config: TrainConfig, world_size: int) -> None:
+    """Refuse, with a ConfigError that says what to change, what cannot run on `world_size`
+    torchrun processes."""
+    if config.adversarial:
+        raise ConfigError(ADVERSARIAL_UNDER_TORCHRUN)
+    if config.batch_size % world_size:
+        suggestion = world_size * max(1, round(config.batch_size / world_size))
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is the global batch, split evenly among the "
+            f"{world_size} processes, and does not divide by {world_size}: use a multiple of "
+            f"{world_size}, e.g. --batch-size {suggestion}"
+        )
+
+
+@dataclass
+class _Fitted:
+    """A trained run, before the steps of `finish`."""
+
+    data: MNISTData
+    trainer: Trainer
+    device: torch.device
+    baseline: Path | None
+
+
+def _fit(
+    config: TrainConfig, callbacks: Sequence[Callback], distributed: Distributed | None
+) -> _Fitted:
+    device = resolve_device(config.device) if distributed is None else distributed.device
+    main = distributed is None or distributed.is_main
     if config.amp and device.type != "cuda":
         logger.warning("--amp is ignored on %s: bf16 autocast is used on CUDA only", device)
-    if config.tensorboard is not None:
+    if config.tensorboard is not None and main:
         require_tensorboard()
     out_dir = config.out_dir
-    # A final save that a kill interrupted is finished first: it may hold train_state/.
-    recover_checkpoint(out_dir)
-    check_output(out_dir, config.tensorboard)
-    data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
-    resume_point = load_resume_point(out_dir, config) if config.resume else None
+
+    def check_output_folder() -> None:
+        # A final save that a kill interrupted is finished first: it may hold train_state/.
+        recover_checkpoint(out_dir)
+        check_output(out_dir, config.tensorboard)
+
+    def read_resume_point() -> ResumePoint | None:
+        return load_resume_point(out_dir, config) if config.resume else None
+
+    def load_data() -> MNISTData:
+        return load_dataset(config.dataset, data_dir=config.data_dir, download=config.download)
+
+    # Rank 0 alone reads and writes the output folder (rank 0's node is the one that must
+    # hold it); the others receive what it read. Each node downloads the data once.
+    _on_main(distributed, check_output_folder)
+    data = load_data() if distributed is None else distributed.local_main_first(load_data)
+    resume_point = _on_main(distributed, read_resume_point)
     baseline = plain_baseline(config) if config.adversarial else None
 
     logger.info(
@@ -125,26 +193,41 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         out_dir,
     )
     state_dir = train_state_dir(out_dir)
-    if resume_point is None:
-        # A new run must not mix its epochs with an older run's best/ or last/.
-        for stale in ("last", "best"):
-            shutil.rmtree(state_dir / stale, ignore_errors=True)
-    state_dir.mkdir(parents=True, exist_ok=True)
+
+    def prepare_state_dir() -> None:
+        if resume_point is None:
+            # A new run must not mix its epochs with an older run's best/ or last/.
+            for stale in ("last", "best"):
+                shutil.rmtree(state_dir / stale, ignore_errors=True)
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+    _on_main(distributed, prepare_state_dir)
 
     data = data.to(device)
     torch.manual_seed(config.seed)
     model = VAE(config.model_config()).to(device)
+    if distributed is not None:
+        # The same initial weights on every rank (seeded above), then a random stream of each
+        # rank's own: the reparameterisation noise and the head's shifts differ per rank.
+        torch.manual_seed(rank_seed(config.seed, distributed.rank))
     data_generator = torch.Generator().manual_seed(config.seed)
     batches = Batches(
-        data.train, config.batch_size, generator=data_generator, binarize=config.binarize
+        data.train,
+        config.batch_size,
+        generator=data_generator,
+        binarize=config.binarize,
+        rank=0 if distributed is None else distributed.rank,
+        world_size=1 if distributed is None else distributed.world_size,
     )
     adversary = (
         AdversarialObjective.for_run(config, len(batches), device) if config.adversarial else None
     )
-    builtin: list[Callback] = [CheckpointCallback(model, out_dir, config, side_state=adversary)]
-    if config.tensorboard is not None:
-        writer = open_writer(Path(config.tensorboard))
-        builtin.append(TensorBoardCallback(writer, model, seed=config.seed))
+    builtin: list[Callback] = []
+    if main:
+        builtin.append(CheckpointCallback(model, out_dir, config, side_state=adversary))
+        if config.tensorboard is not None:
+            writer = open_writer(Path(config.tensorboard))
+            builtin.append(TensorBoardCallback(writer, model, seed=config.seed))
     trainer = Trainer(
         model,
         adversary
@@ -164,6 +247,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         validate=ValidationELBO(data.val, config.eval_batch_size, config.seed),
         callbacks=[*builtin, *callbacks],
         data_generator=data_generator,
+        distributed=distributed,
     )
     if resume_point is not None:
         model.load_state_dict(resume_point.weights)
@@ -178,7 +262,12 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> RunResult:
         trainer.load_state_dict(resume_point.trainer_state)  # last: it restores the RNGs
         logger.info("resuming after epoch %d of %d", resume_point.epoch, config.epochs)
     trainer.fit()
-    return finish(config, data, trainer, device, baseline)
+    return _Fitted(data, trainer, device, baseline)
+
+
+def _on_main(distributed: Distributed | None, step: Callable[[], T]) -> T:
+    """`step` here in one process; on rank 0 alone, its result shared, under torchrun."""
+    return step() if distributed is None else distributed.from_main(step)
 
 
 def finish(
@@ -255,6 +344,10 @@ def finish(
         "amp": trainer.use_amp,
         "evaluation_seconds": stages.seconds,
     }
+    if trainer.distributed is not None:
+        # A torchrun run: how many processes shared each batch, and through what.
+        training["processes"] = trainer.distributed.world_size
+        training["backend"] = trainer.distributed.backend
     with stages("building the latent index of the train split"):
         # The index behind POST /similar (training/index.py).
         index_bytes, index_card = build_checkpoint_index(

@@ -8,11 +8,14 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from training.distributed import Distributed
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +88,29 @@ class Callback:
         """Once, after the last epoch (also after early stopping, or when nothing was left)."""
 
 
+class _LossStep(nn.Module):
+    """The model and its loss as one module, so that DistributedDataParallel's forward covers
+    every call the loss makes into the model (the digit head is called outside VAE.forward)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, x: Tensor, y: Tensor, step: int) -> StepOutput:
+        return self.loss_fn(self.model, x, y, step)
+
+
 class Trainer:
     """Adam over `batches` for settings.epochs epochs, with optional cosine decay, gradient
-    clipping, bf16 autocast, per-epoch validation, early stopping and an exactly resumable state."""
+    clipping, bf16 autocast, per-epoch validation, early stopping and an exactly resumable state.
+
+    With `distributed` (one rank of a torchrun job, training.distributed) every rank runs this
+    loop on its share of each batch: the model and loss run under DistributedDataParallel,
+    which averages the gradients over the ranks, so every rank takes the same optimiser step.
+    Rank 0 alone validates (the others receive its score) and shows progress; the epoch's mean
+    losses are averaged over the ranks; callbacks run on every rank they are given to.
+    """
 
     def __init__(
         self,
@@ -98,6 +121,7 @@ class Trainer:
         validate: Callable[[nn.Module], float] | None = None,
         callbacks: Sequence[Callback] = (),
         data_generator: torch.Generator | None = None,
+        distributed: Distributed | None = None,
     ) -> None:
         if settings.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {settings.epochs}")
@@ -113,6 +137,12 @@ class Trainer:
         self.data_generator = data_generator
         self.device = next(model.parameters()).device
         self.use_amp = settings.amp and self.device.type == "cuda"
+        self.distributed = distributed
+        self._parallel_step = (
+            None if distributed is None else distributed.wrap(_LossStep(model, loss_fn))
+        )
+        # Every rank's RNG states after the last finished epoch (distributed runs), for state_dict.
+        self._rank_rng: list[dict[str, Tensor | None]] | None = None
 
         self.optimizer = torch.optim.Adam(
             model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
@@ -158,7 +188,7 @@ class Trainer:
             unit="batch",
             leave=False,
             dynamic_ncols=True,
-            disable=not (self.settings.progress and sys.stderr.isatty()),
+            disable=not (self.settings.progress and sys.stderr.isatty() and self._is_main),
         )
         batches = 0
         with bar:
@@ -174,6 +204,8 @@ class Trainer:
                 bar.update()
                 if not bar.disable and (batches % _POSTFIX_EVERY == 0):
                     bar.set_postfix({k: f"{float(v) / batches:.2f}" for k, v in sums.items()})
+        if self.distributed is not None:
+            sums = self._mean_over_ranks(sums)
         means = {name: float(total) / batches for name, total in sums.items()}
         train_loss = means.pop("loss")
         if not math.isfinite(train_loss):
@@ -181,7 +213,7 @@ class Trainer:
                 f"the training loss became {train_loss} in epoch {epoch}: lower --lr "
                 f"(now {self.settings.lr:g}) or set --grad-clip, then start again"
             )
-        val_score = None if self.validate is None else float(self.validate(self.model))
+        val_score = self._validation_score()
         if val_score is not None and not math.isfinite(val_score):
             raise TrainingError(
                 f"the {self.settings.validation_name} became {val_score} after epoch {epoch}: "
@@ -220,12 +252,40 @@ class Trainer:
                 self.best_score,
                 self.best_epoch,
             )
+        if self.distributed is not None:
+            # Before the callbacks: a checkpoint written there holds every rank's stream.
+            self._rank_rng = self.distributed.gather(_rng_state(self.device))
         for callback in self.callbacks:
             callback.on_epoch_end(self, summary)
 
+    @property
+    def _is_main(self) -> bool:
+        return self.distributed is None or self.distributed.is_main
+
+    def _validation_score(self) -> float | None:
+        if self.validate is None:
+            return None
+        if self.distributed is None:
+            return float(self.validate(self.model))
+        # Every rank holds the same weights: rank 0 scores them, the others take its number.
+        score = float(self.validate(self.model)) if self.distributed.is_main else math.nan
+        return self.distributed.broadcast_float(score)
+
+    def _mean_over_ranks(self, sums: dict[str, Tensor | float]) -> dict[str, Tensor | float]:
+        """The epoch's per-rank sums averaged over the ranks (each ran as many batches)."""
+        assert self.distributed is not None
+        names = list(sums)
+        values = torch.stack(
+            [torch.as_tensor(sums[name], dtype=torch.float64, device=self.device) for name in names]
+        )
+        return dict(zip(names, self.distributed.mean(values), strict=True))
+
     def _train_step(self, x: Tensor, y: Tensor) -> StepOutput:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            output = self.loss_fn(self.model, x, y, self.step)
+            if self._parallel_step is None:
+                output = self.loss_fn(self.model, x, y, self.step)
+            else:
+                output = self._parallel_step(x, y, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         if self.settings.grad_clip > 0:
@@ -267,6 +327,8 @@ class Trainer:
             "cpu_rng": torch.get_rng_state(),
             "cuda_rng": cuda_rng,
             "data_rng": None if self.data_generator is None else self.data_generator.get_state(),
+            # Distributed runs: each rank's own stream (reparameterisation noise differs per rank).
+            **({} if self.distributed is None else {"rank_rng": self._rank_rng}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -286,3 +348,33 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.data_generator is not None and state["data_rng"] is not None:
             self.data_generator.set_state(state["data_rng"])
+        if self.distributed is not None:
+            self._restore_rank_rng(state.get("rank_rng"))
+
+    def _restore_rank_rng(self, saved: list[dict[str, Tensor | None]] | None) -> None:
+        assert self.distributed is not None
+        rank, world_size = self.distributed.rank, self.distributed.world_size
+        if saved is not None and len(saved) == world_size:
+            own = saved[rank]
+            cpu = own["cpu"]
+            assert cpu is not None
+            torch.set_rng_state(cpu)
+            if own["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(own["cuda"], self.device)
+            self._rank_rng = saved
+            return
+        if rank == 0:
+            logger.warning(
+                "resuming on %d processes a run saved by %s: it continues, but not bit for bit "
+                "(each process's random stream is seeded anew)",
+                world_size,
+                "one process" if saved is None else f"{len(saved)} processes",
+            )
+        # Distinct streams per rank, derived from the restored one.
+        torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank)
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor | None]:
+    """This process's global random streams: the CPU's and, training on a GPU, that GPU's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}

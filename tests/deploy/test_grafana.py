@@ -26,6 +26,10 @@ COMPOSE = REPO / "docker-compose.yml"
 PROMETHEUS_BUILTINS = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 # Series of a classic histogram: the family name itself is never a series.
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# Replicas on Ray Serve (app/ray_serve.py) export each `vae_*` series of their own registry
+# through Ray's metrics agent, which names it `ray_<series>` and adds the `replica` label
+# (tests/deploy/test_ray_serve.py finds them there, in a real Prometheus).
+RAY_PREFIX = "ray_"
 
 # PromQL words that are neither metric names nor followed by "(" like functions are.
 PROMQL_KEYWORDS = {
@@ -62,6 +66,11 @@ def exported_series() -> set[str]:
         else:
             names.add(name)
     return names
+
+
+def ray_exported_series() -> set[str]:
+    """The service's series as Ray Serve replicas export them."""
+    return {RAY_PREFIX + name for name in exported_series() if name.startswith("vae_")}
 
 
 def recorded_series() -> set[str]:
@@ -231,5 +240,20 @@ def test_dashboard_covers_the_service(dashboard: dict[str, Any]) -> None:
 def test_queries_name_only_exported_or_recorded_series(where: str, expr: str) -> None:
     names = metric_names(expr)
     assert names, f"{where}: no metric found in {expr!r}"
-    unknown = names - exported_series() - recorded_series() - PROMETHEUS_BUILTINS
+    exported = exported_series() | ray_exported_series()
+    unknown = names - exported - recorded_series() - PROMETHEUS_BUILTINS
     assert not unknown, f"{where} queries series the service does not export: {unknown}"
+
+
+def test_dashboard_shows_latency_and_traffic_per_ray_replica(dashboard: dict[str, Any]) -> None:
+    per_replica = {
+        name
+        for _, expr in dashboard_queries()
+        if re.search(r"\bby\s*\([^)]*\breplica\b", expr)
+        for name in metric_names(expr)
+    }
+    assert {
+        "ray_vae_request_duration_seconds_bucket",  # latency quantiles per replica
+        "ray_vae_request_duration_seconds_count",  # request rate per replica
+        "ray_vae_inference_duration_seconds_bucket",
+    } <= per_replica
