@@ -18,6 +18,7 @@ from app.inference import one_hot
 from app.metrics import Metrics
 from app.predict import ModelHandle, PriorName, draw_seed
 from app.registry import LoadedModel, Registry
+from app.schemas import MAX_LATENT_VALUE
 from app.settings import Settings
 from app.v2_protocol import DecodedRequest, OutputTensor, ParameterValue
 
@@ -263,7 +264,9 @@ def _rows(array: np.ndarray, name: str, limit: int, setting: str) -> int:
     if rows < 1:
         raise BadRequest(f"input {name!r} has no rows; send at least one")
     if rows > limit:
-        raise BadRequest(f"input {name!r} has {rows} rows, over this server's {limit} ({setting})")
+        raise PayloadTooLarge(
+            f"input {name!r} has {rows} rows; at most {limit} per request ({setting})"
+        )
     return rows
 
 
@@ -276,13 +279,7 @@ def _finite(array: np.ndarray, name: str) -> torch.Tensor:
 def _images(tensors: dict[str, np.ndarray], context: Context) -> torch.Tensor:
     """The `images` input as (N, 1, 28, 28), checked: pixel values in [0, 1], within limits."""
     images = tensors["images"]
-    limit = context.settings.max_files
-    if images.shape[0] > limit:
-        raise PayloadTooLarge(
-            f"input 'images' has {images.shape[0]} images; at most {limit} per request "
-            "(VAE_MAX_FILES)"
-        )
-    _rows(images, "images", limit, "VAE_MAX_FILES")
+    _rows(images, "images", context.settings.max_files, "VAE_MAX_FILES")
     x = _finite(images, "images")
     if images.size and (images.min() < 0.0 or images.max() > 1.0):
         raise BadRequest(
@@ -306,7 +303,14 @@ async def _decode(tensors: dict[str, np.ndarray], context: Context) -> Result:
         digits = _digits(tensors)
         handle.check_digit(digits)
         labels = one_hot(torch.tensor(digits), handle.num_classes)
-    images = await handle.decode(_finite(z, "z"), labels)
+    latents = _finite(z, "z")
+    if z.size and np.abs(z).max() > MAX_LATENT_VALUE:
+        # REST /decode's cap: past it float32 sums overflow into NaN images.
+        raise BadRequest(
+            f"input 'z' must hold values in [-{MAX_LATENT_VALUE:g}, {MAX_LATENT_VALUE:g}], as "
+            f"/decode's; got {np.abs(z).max():g}"
+        )
+    images = await handle.decode(latents, labels)
     return {"images": images[:, 0].numpy()}, {}
 
 

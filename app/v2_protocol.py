@@ -18,6 +18,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    field_validator,
 )
 
 from app.errors import BadRequest
@@ -60,9 +61,16 @@ MAX_RANK = 8
 MAX_TENSORS = 64
 MAX_REPORTED_ERRORS = 3
 
-ParameterValue = StrictBool | StrictInt | StrictFloat | StrictStr
+# Integers as int64 or uint64 hold them, floats finite: a parameter past either would turn into
+# an overflow, or an inf that JSON cannot carry back, deep inside an op.
+ParameterInt = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
+ParameterFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+ParameterValue = StrictBool | ParameterInt | ParameterFloat | StrictStr
 Parameters = dict[str, ParameterValue]
 Dimension = Annotated[StrictInt, Field(ge=0)]
+# Values one tensor's shape may describe, its zero dimensions left out: numpy refuses a shape
+# past its address space even when a zero makes it empty, and no op here takes anything near.
+MAX_SHAPE_VALUES = 2**32
 
 
 class RequestInput(BaseModel):
@@ -74,6 +82,16 @@ class RequestInput(BaseModel):
     datatype: StrictStr
     parameters: Parameters | None = None
     data: Any = None
+
+    @field_validator("shape")
+    @classmethod
+    def _describable(cls, shape: list[int]) -> list[int]:
+        if math.prod(d for d in shape if d) > MAX_SHAPE_VALUES:
+            raise ValueError(
+                f"shape {shape} describes more than {MAX_SHAPE_VALUES} values, even leaving "
+                "out its zero dimensions"
+            )
+        return shape
 
 
 class RequestOutput(BaseModel):
@@ -215,7 +233,9 @@ def encode_response(
     if parameters:
         document["parameters"] = parameters
     document["outputs"] = described
-    head = json.dumps(document, separators=(",", ":")).encode()
+    # allow_nan=False: a NaN or inf would be written as a bare token that is not JSON; every op
+    # checks its inputs so that none comes out, and if one did, it is a server fault.
+    head = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
     if not binary:
         return head, {"content-type": JSON_TYPE}
     headers = {"content-type": BINARY_TYPE, HEADER_LENGTH.lower(): str(len(head))}
