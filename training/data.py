@@ -205,6 +205,15 @@ class Batches:
                 x = (noise.to(device) < x).to(torch.float32)
             yield x, labels[positions]
 
+    def share_weight(self, index: int) -> float:
+        """What this rank's batch-mean loss of global batch `index` is multiplied by so that
+        DistributedDataParallel's average over the ranks is the mean over the whole batch: the
+        rank's share of the batch times the number of ranks (1 unless a short last batch does
+        not divide evenly: 9 images on 2 ranks weigh 5 * 2 / 9 and 4 * 2 / 9)."""
+        count = min(self.batch_size, len(self.split) - index * self.batch_size)
+        share = _share(count, self.rank, self.world_size)
+        return (share.stop - share.start) * self.world_size / count
+
 
 def _share(count: int, rank: int, world_size: int) -> slice:
     """`rank`'s consecutive part of `count` items cut into `world_size` parts as tensor_split

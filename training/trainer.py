@@ -138,6 +138,15 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.use_amp = settings.amp and self.device.type == "cuda"
         self.distributed = distributed
+        # Data-parallel: the weight of this rank's share of global batch i (Batches.share_weight).
+        self._share_weight: Callable[[int], float] | None = None
+        if distributed is not None:
+            self._share_weight = getattr(batches, "share_weight", None)
+            if not callable(self._share_weight):
+                raise TypeError(
+                    "data-parallel training needs batches that give each rank's share_weight "
+                    "(training.data.Batches)"
+                )
         self._parallel_step = (
             None if distributed is None else distributed.wrap(_LossStep(model, loss_fn))
         )
@@ -192,12 +201,16 @@ class Trainer:
         )
         batches = 0
         with bar:
-            for x, y in self.batches:
-                output = self._train_step(x, y)
+            for index, (x, y) in enumerate(self.batches):
+                # Data-parallel: this rank's share of the batch, weighted so that the ranks'
+                # average (DDP's, and the logged means') counts every image alike.
+                weight = 1.0 if self._share_weight is None else self._share_weight(index)
+                output = self._train_step(x, y, weight)
                 batches += 1
                 for name, value in {"loss": output.loss, **output.logs}.items():
                     # Summed on the device; read back only for the bar and at the epoch's end.
                     value = value.detach().double() if isinstance(value, Tensor) else value
+                    value = value * weight if weight != 1.0 else value
                     sums[name] = sums[name] + value if name in sums else value
                 for callback in self.callbacks:
                     callback.on_batch_end(self, output)
@@ -280,14 +293,14 @@ class Trainer:
         )
         return dict(zip(names, self.distributed.mean(values), strict=True))
 
-    def _train_step(self, x: Tensor, y: Tensor) -> StepOutput:
+    def _train_step(self, x: Tensor, y: Tensor, weight: float = 1.0) -> StepOutput:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             if self._parallel_step is None:
                 output = self.loss_fn(self.model, x, y, self.step)
             else:
                 output = self._parallel_step(x, y, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
+        (output.loss * weight if weight != 1.0 else output.loss).backward()
         if self.settings.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.optimizer.step()

@@ -5,6 +5,7 @@ real (gloo on the CPU): one checkpoint, the single-process ELBO, a killed run re
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -90,6 +91,12 @@ def test_the_ranks_shares_make_up_the_global_batches(
             assert torch.equal(torch.cat([part_y for _, part_y in parts]), y)
             # The same pixels, binarised with the same noise as one process would.
             assert torch.equal(torch.cat([part_x for part_x, _ in parts]), x)
+            # Each share's weight times its mean is its sum / the batch; averaged over the
+            # ranks (as DDP averages), those make the whole batch's mean.
+            weights = [batches(rank, world_size).share_weight(step) for rank in range(world_size)]
+            means = [part_y.double().mean() for _, part_y in parts]
+            averaged = sum(w * m for w, m in zip(weights, means, strict=True)) / world_size
+            assert float(averaged) == pytest.approx(float(y.double().mean()), rel=1e-12)
     # The permutation changes from epoch to epoch, identically on every rank.
     assert not torch.equal(whole[0][0][1], whole[1][0][1])
 
@@ -170,7 +177,8 @@ def test_the_adversarial_refusal_is_one_line_from_rank_0_alone(
 
 # ---- the trainer under DistributedDataParallel ----------------------------------------------
 
-TOY_COUNT, TOY_BATCH = 64, 16
+# 4 global batches of 16, then one of 9 that 2 ranks share as 5 and 4 images.
+TOY_COUNT, TOY_BATCH = 73, 16
 
 
 class ToyBatches:
@@ -186,7 +194,15 @@ class ToyBatches:
         self.generator, self.rank, self.world_size = generator, rank, world_size
 
     def __len__(self) -> int:
-        return TOY_COUNT // TOY_BATCH
+        return math.ceil(TOY_COUNT / TOY_BATCH)
+
+    def share_weight(self, index: int) -> float:
+        count = min(TOY_BATCH, TOY_COUNT - index * TOY_BATCH)
+        return (
+            len(torch.arange(count).tensor_split(self.world_size)[self.rank])
+            * self.world_size
+            / count
+        )
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(TOY_COUNT, generator=self.generator)
