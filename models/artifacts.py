@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
 from models.checkpoint import CheckpointError
+
+T = TypeVar("T")
 
 
 def read_artifact(path: Path, expected_sha256: str | None, fix: str) -> bytes | None:
@@ -26,6 +30,20 @@ def read_artifact(path: Path, expected_sha256: str | None, fix: str) -> bytes | 
             + fix
         )
     return data
+
+
+def load_artifact(
+    path: Path, expected_sha256: str | None, fix: str, what: str, parse: Callable[[bytes], T]
+) -> T | None:
+    """read_artifact, then `parse` of the bytes; None when there is no file, a CheckpointError
+    (`<path>: not <what> (...); <fix>`) when it is damaged or `parse` raises ValueError."""
+    data = read_artifact(path, expected_sha256, fix)
+    if data is None:
+        return None
+    try:
+        return parse(data)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not {what} ({exc}); {fix}") from exc
 
 
 def parse_artifact(

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from models.artifacts import parse_artifact, read_artifact
-from models.checkpoint import CheckpointError
+from models.artifacts import load_artifact, parse_artifact
 
 INDEX_FILE = "index.safetensors"
 INDEX_FORMAT = "vae-serve-index/1"
@@ -196,12 +195,10 @@ def load_index(
     folder: str | Path, device: torch.device | str = "cpu", expected_sha256: str | None = None
 ) -> LatentIndex | None:
     """The checkpoint's index, or None when it has none; CheckpointError when it is damaged."""
-    path = Path(folder) / INDEX_FILE
-    fix = "retrain, or delete the file to serve the model without /similar"
-    data = read_artifact(path, expected_sha256, fix)
-    if data is None:
-        return None
-    try:
-        return LatentIndex.from_bytes(data, device)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not a latent index ({exc}); {fix}") from exc
+    return load_artifact(
+        Path(folder) / INDEX_FILE,
+        expected_sha256,
+        "retrain, or delete the file to serve the model without /similar",
+        "a latent index",
+        lambda data: LatentIndex.from_bytes(data, device),
+    )

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from models.artifacts import parse_artifact, read_artifact
+from models.artifacts import load_artifact, parse_artifact
 from models.checkpoint import Checkpoint, CheckpointError
 
 PRIOR_FILE = "prior.safetensors"
@@ -175,13 +175,11 @@ def load_prior(
     the file is damaged or does not fit the model."""
     path = Path(folder) / PRIOR_FILE
     fix = "retrain, or delete the file to sample from N(0, I)"
-    data = read_artifact(path, expected_sha256, fix)
-    if data is None:
+    prior = load_artifact(
+        path, expected_sha256, fix, "a fitted prior", GaussianMixturePrior.from_bytes
+    )
+    if prior is None:
         return None
-    try:
-        prior = GaussianMixturePrior.from_bytes(data)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not a fitted prior ({exc}); {fix}") from exc
     if prior.latent_dim != latent_dim or prior.num_groups != groups:
         raise CheckpointError(
             f"{path}: fitted for {prior.num_groups} group(s) of {prior.latent_dim} latent dims, "

@@ -49,7 +49,7 @@ from models.index import (
     Neighbours,
     load_index,
 )
-from training.data import Split, load_dataset, to_float
+from training.data import Batches, Split, load_dataset
 
 __all__ = [  # the index itself lives in models/index.py; these names are re-exported for callers
     "INDEX_FILE",
@@ -71,10 +71,8 @@ def encode_split(model: VAE, split: Split, batch_size: int = 500) -> Tensor:
     """Posterior means (N, L) of a split; conditional models encode each image with its label."""
     model.eval()
     means = []
-    for images, labels in zip(
-        split.images.split(batch_size), split.labels.split(batch_size), strict=True
-    ):
-        x = to_float(images).to(model.device)
+    for images, labels in Batches(split, batch_size, shuffle=False):
+        x = images.to(model.device)
         y = labels.to(model.device) if model.config.conditional else None
         means.append(model.encode(x, y).mean.float())
     return torch.cat(means)
@@ -121,10 +119,8 @@ def retrieval_precision(
 ) -> float:
     """Mean fraction of each query's k nearest index images that share its true label."""
     hits = 0
-    for images, labels in zip(
-        queries.images.split(batch_size), queries.labels.split(batch_size), strict=True
-    ):
-        latents, digits = encode_queries(model, to_float(images))
+    for images, labels in Batches(queries, batch_size, shuffle=False):
+        latents, digits = encode_queries(model, images)
         found = index.search(latents, k, digits if index.conditional else None)
         neighbour_labels = index.labels[found.indices]  # (B, k)
         valid = torch.isfinite(found.distances)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from models import VAE
-from training.data import Split, to_float
+from training.data import Batches, Split, to_float
 
 _BINS = 20
 # Candidate temperatures: 1 (the mean image) down to 0.2 (nearly black and white).
@@ -36,10 +36,8 @@ def fit_decoder_temperature(
         return 1.0, {}
     model.eval()
     logits = []
-    for images, labels in zip(
-        split.images.split(batch_size), split.labels.split(batch_size), strict=True
-    ):
-        x = to_float(images).to(model.device)
+    for images, labels in Batches(split, batch_size, shuffle=False):
+        x = images.to(model.device)
         y = labels.to(model.device) if model.config.conditional else None
         logits.append(model.decode_raw(model.encode(x, y).mode(), y).float().cpu())
     raw = torch.cat(logits)
