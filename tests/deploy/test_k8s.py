@@ -27,7 +27,7 @@ from app.settings import Settings
 
 K8S = REPO / "deploy" / "k8s"
 KSERVE = REPO / "deploy" / "kserve"
-CRDS = REPO.parent / "shared" / "crds"
+CRDS = REPO / "tests" / "deploy" / "schemas"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 OVERLAYS = ("cpu", "gpu")
