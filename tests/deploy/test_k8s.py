@@ -11,6 +11,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import tomllib
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,11 @@ from app.metrics import Metrics
 from app.settings import Settings
 
 K8S = REPO / "deploy" / "k8s"
+COMPONENTS = K8S / "components"
+BENCH_RESULTS = REPO / "bench" / "results" / "latest.json"
+PYPROJECT = REPO / "pyproject.toml"
 KSERVE = REPO / "deploy" / "kserve"
-CRDS = REPO.parent / "shared" / "crds"
+CRDS = REPO / "tests" / "deploy" / "schemas"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 OVERLAYS = ("cpu", "gpu")
@@ -35,7 +41,7 @@ NAMESPACE = "vae-serve"
 # The oldest Kubernetes these manifests are meant for (autoscaling/v2 and policy/v1 are GA,
 # sidecar-free) and the newest schema kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
-CRD_KINDS = {"ServiceMonitor", "InferenceService", "ServingRuntime"}
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "InferenceService", "ServingRuntime"}
 GPU = "nvidia.com/gpu"
 
 Object = dict[str, Any]
@@ -44,6 +50,19 @@ Object = dict[str, Any]
 def kustomize(folder: Path) -> list[Object]:
     """The objects kustomize renders from `folder`."""
     return [doc for doc in yaml.safe_load_all(render(folder)) if doc]
+
+
+def kustomize_with(tmp_path: Path, base: Path, *components: str) -> list[Object]:
+    """What an operator's overlay renders: `base` with the named components of
+    deploy/k8s/components added (kustomize wants relative paths)."""
+    folder = tmp_path / f"with-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    kustomization = {
+        "resources": [os.path.relpath(base, folder)],
+        "components": [os.path.relpath(COMPONENTS / name, folder) for name in components],
+    }
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(folder)
 
 
 def load(path: Path) -> list[Object]:
@@ -307,7 +326,8 @@ def test_every_container_runs_locked_down(overlay: tuple[str, list[Object]]) -> 
             volumes = {v["name"]: v for v in pod["volumes"]}
             for mount in spec.get("volumeMounts", []):
                 volume = volumes[mount["name"]]
-                if "emptyDir" not in volume and not (kind == "Job" and spec["name"] == "train"):
+                writes_checkpoints = kind == "Job" and spec["name"] in ("train", "check-writable")
+                if "emptyDir" not in volume and not writes_checkpoints:
                     assert mount.get("readOnly") is True, (kind, spec["name"], mount)
 
 
@@ -406,11 +426,10 @@ def test_the_first_start_waits_for_the_trained_checkpoint(
     """The init container's own script, run here: it passes once the checkpoint is there, and
     gives up with a message that says what to do when it never comes."""
     (wait,) = api_pod(load(K8S / "base" / "deployment.yaml"))["initContainers"]
-    assert wait["command"][:2] == ["python", "-c"]
-    script = wait["command"][2]
+    assert wait["command"] == ["python", "-m", "app.wait_for_checkpoint"]
     environment = {**os.environ, **env(wait)}
     found = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, *wait["command"][1:]],
         env={**environment, "VAE_CHECKPOINTS": str(trained_checkpoint)},
         capture_output=True,
         text=True,
@@ -419,7 +438,7 @@ def test_the_first_start_waits_for_the_trained_checkpoint(
     assert found.returncode == 0, found.stderr
     assert "found" in found.stdout
     missing = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, *wait["command"][1:]],
         env={
             **environment,
             "VAE_CHECKPOINTS": str(tmp_path / "default"),
@@ -483,14 +502,27 @@ def test_the_service_and_servicemonitor_reach_the_api(overlay: tuple[str, list[O
     assert f'job="{service["metadata"]["name"]}"' in RULES.read_text()
 
 
-def test_the_hpa_scales_the_api_on_cpu_and_requests_in_flight(
+def test_the_hpa_scales_the_api_on_cpu_alone_by_default(
     overlay: tuple[str, list[Object]],
 ) -> None:
+    """Every cluster serves CPU metrics; a custom metric without the Prometheus Adapter would
+    hold back every scale-down."""
     _, objects = overlay
     hpa = find(objects, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "vae-api")
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert hpa["spec"]["minReplicas"] >= 2
+    # The HPA owns the replica count: a `replicas` field would reset it on every apply.
+    assert "replicas" not in find(objects, "Deployment")["spec"]
+
+
+def test_the_in_flight_component_adds_a_metric_the_app_exports_and_the_adapter_serves(
+    tmp_path: Path,
+) -> None:
+    objects = kustomize_with(tmp_path, K8S / "overlays" / "cpu", "in-flight-autoscaling")
+    hpa = find(objects, "HorizontalPodAutoscaler")
     metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
     assert metrics["Resource"]["resource"]["name"] == "cpu"
     in_flight = metrics["Pods"]["pods"]["metric"]["name"]
@@ -500,7 +532,17 @@ def test_the_hpa_scales_the_api_on_cpu_and_requests_in_flight(
     (rule,) = adapter["rules"]["custom"]
     assert rule["name"]["as"] == in_flight
     assert rule["seriesQuery"].startswith(in_flight + "{")
-    assert hpa["spec"]["minReplicas"] >= 2
+    # Reachable: by Little's law a pod under the benchmark's heaviest /sample load held
+    # throughput x latency requests in flight; the target must be below that, or the metric
+    # never asks for a pod before the CPU does.
+    target = float(metrics["Pods"]["pods"]["target"]["averageValue"])
+    cases = json.loads(BENCH_RESULTS.read_text())["serving"]["cases"]
+    heaviest = max(
+        (c for c in cases.values() if c.get("endpoint", "").startswith("POST /sample")),
+        key=lambda c: c["concurrency"],
+    )
+    held = heaviest["req_s"] * heaviest["mean_ms"] / 1000
+    assert 1 < target < held, (target, held)
 
 
 def test_the_adapter_query_is_valid_promql(tmp_path: Path) -> None:
@@ -579,6 +621,8 @@ def test_kserve_serves_the_v2_protocol_from_the_runtime(
 def test_kserve_probes_and_port_are_the_apps(kserve: list[Object]) -> None:
     (server,) = find(kserve, "ServingRuntime")["spec"]["containers"]
     settings = Settings(**settings_from_env(server))
+    # torch's threads from the pod's CPU limit, as the Deployment's.
+    assert settings.torch_threads == -(-parse_cpu(server["resources"]["limits"]["cpu"]) // 1000)
     assert settings.host == "0.0.0.0"
     assert [p["containerPort"] for p in server["ports"]] == [settings.port]
     routes = app_routes("GET")
@@ -590,3 +634,193 @@ def test_kserve_probes_and_port_are_the_apps(kserve: list[Object]) -> None:
     context = server["securityContext"]
     assert context["runAsNonRoot"] is True and context["readOnlyRootFilesystem"] is True
     assert context["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_the_kserve_runtime_waits_for_the_checkpoint_then_serves(kserve: list[Object]) -> None:
+    """The Job and the InferenceService are applied together: the runtime waits for the
+    checkpoint (as the Deployment's init container does) instead of crash-looping, and its
+    startup probe outlasts that wait."""
+    (server,) = find(kserve, "ServingRuntime")["spec"]["containers"]
+    command = server["command"]
+    assert command[:3] == ["python", "-m", "app.wait_for_checkpoint"]
+    assert command[command.index("--then") + 1 :] == ["python", "-m", "app"]
+    wait_s = float(env(server)["WAIT_FOR_CHECKPOINT_S"])
+    probe = server["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] > wait_s
+
+
+def test_wait_for_checkpoint_then_execs_the_server_command(
+    trained_checkpoint: Path, tmp_path: Path
+) -> None:
+    environment = {**os.environ, "VAE_CHECKPOINTS": str(trained_checkpoint)}
+    then = [sys.executable, "-c", "print('serving')"]
+    ran = subprocess.run(
+        [sys.executable, "-m", "app.wait_for_checkpoint", "--then", *then],
+        env=environment, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines()[-2:] == [
+        f"found {trained_checkpoint / 'config.json'}",
+        "serving",
+    ]
+    missing = subprocess.run(
+        [sys.executable, "-m", "app.wait_for_checkpoint", "--timeout-s", "0", "--then", *then],
+        env={**environment, "VAE_CHECKPOINTS": str(tmp_path / "none")},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "serving" not in missing.stdout
+    assert "run the training Job" in missing.stderr
+
+
+def test_the_image_is_the_projects_pinned_tag_pulled_if_not_present(
+    rendered: dict[str, list[Object]], kserve: list[Object]
+) -> None:
+    """`vae-serve:<version>` (loadable with `kind load` / `minikube image load`, or renamed with
+    kustomize `images:`), never re-pulled when the node has it."""
+    version = tomllib.loads(PYPROJECT.read_text())["project"]["version"]
+    renderings = {**rendered, "kserve": kserve}
+    for where, objects in renderings.items():
+        specs = []
+        for obj in objects:
+            if obj["kind"] in ("Deployment", "Job"):
+                specs += all_containers(obj["spec"]["template"]["spec"])
+            elif obj["kind"] == "ServingRuntime":
+                specs += obj["spec"]["containers"]
+        assert specs, where
+        for spec in specs:
+            assert spec["image"] == f"vae-serve:{version}", (where, spec["name"])
+            assert spec["imagePullPolicy"] == "IfNotPresent", (where, spec["name"])
+    for folder in (K8S / "base", KSERVE):
+        (image,) = yaml.safe_load((folder / "kustomization.yaml").read_text())["images"]
+        assert image == {"name": "vae-serve", "newTag": version}
+
+
+def claim_users(objects: list[Object]) -> list[tuple[str, Object]]:
+    """(kind, pod spec) of every pod template that mounts the checkpoint claim."""
+    pods = []
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "Job"):
+            template = obj["spec"]["template"]
+            pods.append(
+                (obj["kind"], {**template["spec"], "labels": template["metadata"]["labels"]})
+            )
+        elif obj["kind"] == "InferenceService":
+            predictor = obj["spec"]["predictor"]
+            pods.append((obj["kind"], predictor))  # its storageUri mounts the claim
+    return pods
+
+
+def test_the_default_layout_works_on_a_readwriteonce_default_storage_class(
+    rendered: dict[str, list[Object]], kserve: list[Object]
+) -> None:
+    """No storage class offers ReadWriteMany by default: the claim asks for ReadWriteOnce from
+    the default class, and every pod that mounts it is held to the node it is attached to."""
+    for where, objects in {**rendered, "kserve": kserve}.items():
+        claim = find(objects, "PersistentVolumeClaim")
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"], where
+        assert "storageClassName" not in claim["spec"], where
+        users = claim_users(objects)
+        assert len(users) == 2, where  # the Job, and the Deployment or InferenceService
+        for kind, pod in users:
+            label = pod["labels"]
+            (term,) = pod["affinity"]["podAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]
+            assert term["topologyKey"] == "kubernetes.io/hostname", (where, kind)
+            # It selects its own kind of pod, so the first one scheduled may go anywhere.
+            assert labels_match(term["labelSelector"]["matchLabels"], label), (where, kind)
+
+
+def test_the_shared_storage_component_spreads_the_api_over_nodes(
+    tmp_path: Path,
+) -> None:
+    for base, pod_kind in ((K8S / "overlays" / "gpu", "Deployment"), (KSERVE, "InferenceService")):
+        objects = kustomize_with(tmp_path, base, "shared-storage")
+        assert find(objects, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+        for kind, pod in claim_users(objects):
+            assert "affinity" not in pod, kind
+            if kind != pod_kind:
+                continue
+            by_key = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+            hosts = by_key["kubernetes.io/hostname"]
+            assert (hosts["maxSkew"], hosts["whenUnsatisfiable"]) == (1, "DoNotSchedule")
+            assert "topology.kubernetes.io/zone" in by_key
+            selected = hosts["labelSelector"]["matchLabels"]
+            if kind == "Deployment":
+                assert labels_match(
+                    selected, find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+                )
+            else:
+                assert selected == {
+                    KSERVE_ISVC_LABEL: find(objects, "InferenceService")["metadata"]["name"]
+                }
+        if pod_kind == "Deployment":
+            # and the result is still valid Kubernetes
+            kubernetes_validate.validate(
+                find(objects, "Deployment"), KUBERNETES_VERSIONS[-1], strict=True
+            )
+
+
+# The label KServe puts on an InferenceService's pods: the PodMonitor and spread select by it.
+KSERVE_ISVC_LABEL = "serving.kserve.io/inferenceservice"
+
+
+def test_the_job_says_at_once_when_the_volume_is_not_writable() -> None:
+    """Many RWX drivers (NFS) ignore fsGroup: on a root-owned export uid 10001 cannot write.
+    The Job's init container, run here as uid 10001, passes on a volume it can write and fails
+    with what to do on one it cannot."""
+    job = find(load(K8S / "training" / "train-job.yaml"), "Job")["spec"]["template"]["spec"]
+    (check,) = job["initContainers"]
+    assert check["command"][:2] == ["python", "-c"]
+    assert {m["mountPath"] for m in check["volumeMounts"]} == {"/checkpoints"}
+    setpriv = shutil.which("setpriv")
+    as_uid = (
+        [setpriv, "--reuid", "10001", "--regid", "10001", "--clear-groups"]
+        if os.getuid() == 0 and setpriv
+        else []
+    )
+    # Outside pytest's own temporary folders, which other users cannot enter.
+    with tempfile.TemporaryDirectory() as scratch:
+        Path(scratch).chmod(0o755)
+        writable, root_owned = Path(scratch, "writable"), Path(scratch, "root-owned")
+        writable.mkdir()
+        root_owned.mkdir(mode=0o755)
+        if as_uid:
+            os.chown(writable, 10001, 10001)
+        else:
+            root_owned.chmod(0o555)  # not root: a folder this user cannot write stands in
+        results = {}
+        for folder in (writable, root_owned):
+            script = check["command"][2].replace('"/checkpoints"', repr(str(folder)))
+            results[folder] = subprocess.run(
+                [*as_uid, sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+            )
+    assert results[writable].returncode == 0, results[writable].stderr
+    refused = results[root_owned]
+    assert refused.returncode != 0
+    assert "not writable by uid" in refused.stderr and "fsGroup" in refused.stderr
+
+
+def test_the_job_uses_as_many_threads_as_its_cpu_limit(overlay: tuple[str, list[Object]]) -> None:
+    _, objects = overlay
+    train = container(find(objects, "Job")["spec"]["template"]["spec"], "train")
+    field = env(train)["OMP_NUM_THREADS"]["resourceFieldRef"]
+    assert field == {"containerName": "train", "resource": "limits.cpu", "divisor": "1"}
+
+
+def test_the_podmonitor_scrapes_the_predictors_as_the_rules_job(kserve: list[Object]) -> None:
+    """The Prometheus Operator ignores scrape annotations: a PodMonitor selects the predictor
+    pods and names their job as the alert rules and dashboards select it."""
+    monitor = find(kserve, "PodMonitor")
+    validate_crd(monitor, "monitoring.coreos.com_podmonitors.yaml")
+    service = find(kserve, "InferenceService")
+    assert monitor["spec"]["selector"]["matchLabels"] == {
+        KSERVE_ISVC_LABEL: service["metadata"]["name"]
+    }
+    (server,) = find(kserve, "ServingRuntime")["spec"]["containers"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in {p.get("name") for p in server["ports"]}
+    assert endpoint["path"] in app_routes("GET")
+    (relabel,) = endpoint["relabelings"]
+    assert (relabel["targetLabel"], relabel["action"]) == ("job", "replace")
+    assert f'job="{relabel["replacement"]}"' in RULES.read_text()

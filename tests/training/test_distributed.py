@@ -23,10 +23,12 @@ from resume_testing import assert_same_tensors
 from torch import Tensor, nn
 
 from models import load_checkpoint
+from models.index import INDEX_FILE
+from models.prior import PRIOR_FILE
 from training.checkpoints import STATE_FILE
 from training.cli import main
 from training.config import ConfigError, TrainConfig
-from training.data import Batches, DataError, Split
+from training.data import Batches, DataError, Split, load_dataset
 from training.distributed import (
     Distributed,
     device_for_rank,
@@ -348,14 +350,30 @@ def loopback_interface() -> str:
     return "lo" if "lo" in names else names[0]
 
 
+# Loaded by every process of the fixture's torchrun run: records each rank's training batches.
+SHARE_RECORDER = Path(__file__).with_name("share_recorder")
+
+
+def shares_of(out: Path) -> Path:
+    """Where the ranks of the run into `out` recorded their batches: beside out's folder, which
+    must hold nothing but the checkpoint."""
+    return out.parent.with_name(out.parent.name + "-shares")
+
+
 @pytest.fixture(scope="module")
 def torchrun_checkpoint(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """`torchrun --nproc-per-node 2 -m training --preset tiny` into a fresh folder."""
+    """`torchrun --nproc-per-node 2 -m training --preset tiny` into a fresh folder, each rank
+    recording the batches it trained on into a folder beside it (shares_of)."""
     out = tmp_path_factory.mktemp("torchrun") / "tiny"
+    shares = shares_of(out)
+    shares.mkdir()
+    env = run_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(SHARE_RECORDER), str(REPO), env.get("PYTHONPATH", "")])
+    env["VAE_TEST_SHARES_DIR"] = str(shares)
     result = subprocess.run(
-        training_argv(out), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600
+        training_argv(out), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     return out, result
@@ -366,7 +384,11 @@ def test_torchrun_writes_one_loadable_checkpoint(
     torchrun_checkpoint: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
     out, result = torchrun_checkpoint
-    assert {entry.name for entry in out.iterdir()} <= CHECKPOINT_ENTRIES
+    entries = {entry.name for entry in out.iterdir()}
+    assert entries <= CHECKPOINT_ENTRIES
+    # What rank 0 fits and writes after training, beside the weights: the latent prior that
+    # /sample draws from and the latent index behind /similar.
+    assert {"config.json", "model.safetensors", PRIOR_FILE, INDEX_FILE} <= entries, entries
     assert not [entry for entry in out.parent.iterdir() if entry.name != out.name]
     checkpoint = load_checkpoint(out)
     training = checkpoint.metadata["training"]
@@ -376,6 +398,33 @@ def test_torchrun_writes_one_loadable_checkpoint(
     assert result.stdout.count("checkpoint: ") == 1
     assert result.stderr.count("epoch   1/12") == 1
     assert "data-parallel training on 2 processes (gloo" in result.stderr
+
+
+@pytest.mark.slow
+def test_each_torchrun_rank_trained_on_its_share_of_every_batch(
+    torchrun_checkpoint: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    """In the real run, each of the 2 ranks took its half of every global batch of 64 (the
+    tiny split's last batch of 16 as 8 and 8), every epoch: together one process's epoch, and
+    not each the whole batch (which the ELBO and resume checks alone would let pass). The
+    tiny split's 3,600 images leave an even last batch for any batch size 2 ranks can share;
+    the uneven split is the toy run's (test_two_ranks_take_the_steps_one_process_takes...)."""
+    out, _ = torchrun_checkpoint
+    training = load_checkpoint(out).metadata["training"]
+    epochs = training["epochs_run"]
+    train_images = len(load_dataset("mnist-5k").train)
+    whole = [len(b) for b in torch.arange(train_images).split(training["config"]["batch_size"])]
+    by_rank = {}
+    for rank in (0, 1):
+        recorded = json.loads((shares_of(out) / f"rank{rank}.json").read_text())
+        assert len(recorded) == epochs, len(recorded)
+        assert {(e["rank"], e["world_size"]) for e in recorded} == {(rank, 2)}
+        by_rank[rank] = [e["sizes"] for e in recorded]
+    for epoch in range(epochs):
+        shares = [by_rank[rank][epoch] for rank in (0, 1)]
+        assert [a + b for a, b in zip(*shares, strict=True)] == whole, epoch
+        for rank in (0, 1):
+            assert shares[rank] == [size // 2 + (size % 2 if rank == 0 else 0) for size in whole]
 
 
 @pytest.mark.slow
