@@ -33,6 +33,7 @@ from app.registry import LoadedModel, Registry
 from app.routes import analyze, bench, generate, similar, system, ui, v2
 from app.settings import Settings
 from app.state import ServiceState
+from app.v2_models import catalog
 
 logger = logging.getLogger("app")
 MAX_REPORTED_ERRORS = 20
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             state.metrics.model_info.labels(
                 entry.name, entry.model.config.architecture, str(entry.device)
             ).set(1)
+        state.v2_models = catalog(loaded)
         state.registry = loaded
         # What startup allocated (torch, the models, the app) lives as long as the process:
         # frozen, the cyclic GC stops rescanning it, which paused every request for ~200 ms
@@ -93,6 +95,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             state.ready = False
             for batcher in state.batchers.values():
                 await batcher.stop()
+            state.metrics.close()
 
     app = FastAPI(
         title="VAE digits",

@@ -17,6 +17,7 @@ from torch import Tensor
 from app.batching import MicroBatcher
 from app.errors import BadRequest, InvalidInput
 from app.inference import FAULT_INPUT, NO_DIGIT, one_hot, requested_fault
+from app.metrics import Metrics
 from app.registry import LoadedModel
 from models import VAE
 from models.index import LatentIndex
@@ -44,6 +45,25 @@ class Generated:
 
 
 @dataclass
+class Scored:
+    """Anomaly scores of N images, decided: each over `threshold` or not, placed among the
+    validation scores (`percentile`, None without saved percentiles), with the digit the
+    model read (None when unconditional), the score's statistics (N, S) by name and the
+    per-pixel error maps (N, 1, 28, 28)."""
+
+    scores: list[float]
+    threshold: float
+    is_anomaly: list[bool]
+    percentile: list[float | None]
+    digits: list[int] | None
+    digit_probability: list[float] | None
+    statistics: Tensor
+    statistic_names: tuple[str, ...]
+    error_map: Tensor
+    score_kind: str
+
+
+@dataclass
 class Endpoint:
     """One end of an interpolation: a latent, an image, or just a digit (z from the prior)."""
 
@@ -55,9 +75,12 @@ class Endpoint:
 class ModelHandle:
     """What the routes call: one loaded model and its batcher."""
 
-    def __init__(self, entry: LoadedModel, batcher: MicroBatcher) -> None:
+    def __init__(
+        self, entry: LoadedModel, batcher: MicroBatcher, metrics: Metrics | None = None
+    ) -> None:
         self.entry = entry
         self.batcher = batcher
+        self.metrics = metrics
 
     @property
     def name(self) -> str:
@@ -270,10 +293,38 @@ class ModelHandle:
         inputs = {"x": x, "k": torch.full((len(x),), k, dtype=torch.long)}
         return await self._submit("similar", {**inputs, **self._digit_input(digit, len(x))})
 
-    async def anomaly(self, x: Tensor) -> dict[str, Tensor]:
-        if not bool(self.entry.model.anomaly_fitted) or self.entry.anomaly_threshold is None:
+    def check_anomaly(self) -> float:
+        """The calibrated threshold, or a 400 for a model without an anomaly calibration."""
+        threshold = self.entry.anomaly_threshold
+        if not bool(self.entry.model.anomaly_fitted) or threshold is None:
             raise BadRequest(
                 f"model {self.name!r} has no anomaly calibration; retrain it with vae-train "
                 "(which calibrates at the end) or use another model"
             )
-        return await self._submit("anomaly", {"x": x})
+        return threshold
+
+    async def anomaly(self, x: Tensor, threshold: float | None = None) -> Scored:
+        """Score x (N, 1, 28, 28) and decide each against `threshold` (default: the
+        checkpoint's calibrated one); every score is observed once in vae_anomaly_score."""
+        calibrated = self.check_anomaly()
+        limit = calibrated if threshold is None else threshold
+        out = await self._submit("anomaly", {"x": x})
+        scores = out["score"].tolist()
+        if self.metrics is not None:
+            histogram = self.metrics.anomaly_score.labels(self.name)
+            for score in scores:
+                histogram.observe(score)
+        entry = self.entry
+        conditional = "digit" in out
+        return Scored(
+            scores=scores,
+            threshold=limit,
+            is_anomaly=[score > limit for score in scores],
+            percentile=[entry.percentile(score) for score in scores],
+            digits=out["digit"].tolist() if conditional else None,
+            digit_probability=out["digit_probability"].tolist() if conditional else None,
+            statistics=out["statistics"],
+            statistic_names=tuple(entry.model.config.anomaly_statistics),
+            error_map=out["error_map"],
+            score_kind=str(entry.metadata.get("anomaly", {}).get("score_kind", "unknown")),
+        )

@@ -1,5 +1,7 @@
 """Service settings, read from VAE_* environment variables and checked once at startup."""
 
+import math
+import os
 import re
 from pathlib import Path
 
@@ -84,9 +86,17 @@ class Settings(BaseSettings):
         "(counted in the metrics; /healthz, /readyz and /metrics get a small reserve beyond "
         "it); bounds the memory that uploads in flight can hold.",
     )
-    workers: int = Field(default=1, gt=0, description="Server worker processes.")
+    workers: int | None = Field(
+        default=None,
+        gt=0,
+        description="Server worker processes, each with its own copy of the models; unset: "
+        "one per CPU core this process may use (its CPU affinity and cgroup CPU limit).",
+    )
     torch_threads: int | None = Field(
-        default=None, gt=0, description="torch.set_num_threads; unset keeps torch's default."
+        default=None,
+        gt=0,
+        description="torch.set_num_threads per worker; unset: the usable cores shared out "
+        "among the workers (torch's own default, one per core of the machine, when one).",
     )
     log_level: str = Field(default="info", description=f"One of {', '.join(LOG_LEVELS)}.")
     enable_test_hooks: bool = Field(
@@ -141,6 +151,17 @@ class Settings(BaseSettings):
         return level
 
     @property
+    def worker_count(self) -> int:
+        return self.workers or usable_cores()
+
+    @property
+    def threads_per_worker(self) -> int | None:
+        """What torch.set_num_threads gets in each worker (None: leave torch's default)."""
+        if self.torch_threads is not None or self.worker_count == 1:
+            return self.torch_threads
+        return max(1, usable_cores() // self.worker_count)
+
+    @property
     def shutdown_drain_s(self) -> int:
         """Longest a stop waits for the requests in flight: their deadline, and a second."""
         return int(self.request_timeout_s) + 1
@@ -183,3 +204,16 @@ class Settings(BaseSettings):
         for path in found:
             unique.setdefault(path.resolve(), path)
         return list(unique.values())
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity, capped by a cgroup v2 CPU limit
+    (a container's or a Kubernetes pod's `limits.cpu`, rounded up), at least 1."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return max(1, cores)
+    if quota != "max" and int(period) > 0:
+        cores = min(cores, math.ceil(int(quota) / int(period)))
+    return max(1, cores)

@@ -13,6 +13,7 @@ from app.metrics import Metrics
 from app.predict import ModelHandle
 from app.registry import Registry
 from app.settings import Settings
+from app.v2_models import V2Model
 
 
 @dataclass
@@ -21,13 +22,14 @@ class ServiceState:
     metrics: Metrics
     registry: Registry | None = None
     batchers: dict[str, MicroBatcher] = field(default_factory=dict)
+    v2_models: dict[str, V2Model] = field(default_factory=dict)  # by name, built at load
     ready: bool = False
 
     def handle(self, model: str | None) -> ModelHandle:
         if not self.ready or self.registry is None:
             raise NotReady("models are still loading; retry when GET /readyz answers 200")
         entry = self.registry.get(model)
-        return ModelHandle(entry, self.batchers[entry.name])
+        return ModelHandle(entry, self.batchers[entry.name], self.metrics)
 
 
 # Dependencies and cheap handlers are `async def`: FastAPI runs a plain `def` one in its

@@ -103,33 +103,35 @@ async def anomaly_score(
     invert: Invert = False,
 ) -> AnomalyJSON:
     """Anomaly score of each uploaded image: higher = more anomalous."""
+    handle.check_anomaly()  # before the body is read
     x = await read_images(request, state.settings, invert=invert)
-    out = await handle.anomaly(x)
-    entry = handle.entry
-    limit = entry.anomaly_threshold if threshold is None else threshold
-    assert limit is not None  # handle.anomaly refuses uncalibrated models
-    histogram = state.metrics.anomaly_score.labels(handle.name)
+    scored = await handle.anomaly(x, threshold)
     heatmaps = (
-        await run_in_threadpool(lambda: [to_base64(heatmap_png(m)) for m in out["error_map"]])
+        await run_in_threadpool(lambda: [to_base64(heatmap_png(m)) for m in scored.error_map])
         if heatmap
         else [None] * len(x)
     )
-    names = entry.model.config.anomaly_statistics
-    items = []
-    for i, score in enumerate(out["score"].tolist()):
-        histogram.observe(score)
-        items.append(
-            {
-                "score": score,
-                "is_anomaly": score > limit,
-                "percentile": entry.percentile(score),
-                "digit": int(out["digit"][i]) if "digit" in out else None,
-                "digit_probability": float(out["digit_probability"][i]) if "digit" in out else None,
-                "heatmap": heatmaps[i],
-                "components": dict(zip(names, out["statistics"][i].tolist(), strict=True)),
-            }
-        )
-    kind = str(entry.metadata.get("anomaly", {}).get("score_kind", "unknown"))
+    items = [
+        {
+            "score": score,
+            "is_anomaly": scored.is_anomaly[i],
+            "percentile": scored.percentile[i],
+            "digit": None if scored.digits is None else scored.digits[i],
+            "digit_probability": (
+                None if scored.digit_probability is None else scored.digit_probability[i]
+            ),
+            "heatmap": heatmaps[i],
+            "components": dict(
+                zip(scored.statistic_names, scored.statistics[i].tolist(), strict=True)
+            ),
+        }
+        for i, score in enumerate(scored.scores)
+    ]
     return AnomalyJSON.model_validate(
-        {"model": handle.name, "threshold": limit, "score_kind": kind, "items": items}
+        {
+            "model": handle.name,
+            "threshold": scored.threshold,
+            "score_kind": scored.score_kind,
+            "items": items,
+        }
     )

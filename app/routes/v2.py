@@ -11,7 +11,6 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import NotReady
-from app.registry import Registry
 from app.state import ServiceState, StateDep
 from app.v2_models import VERSION, V2Model, find_model, infer
 from app.v2_protocol import (
@@ -156,15 +155,15 @@ def model_route(method: str, path: str, **options: Any) -> Callable[[Endpoint], 
     return register
 
 
-def _registry(state: ServiceState) -> Registry:
+def _models(state: ServiceState) -> dict[str, V2Model]:
     if not state.ready or state.registry is None:
         raise NotReady("models are still loading; retry when GET /v2/health/ready answers 200")
-    return state.registry
+    return state.v2_models
 
 
 async def v2_model(request: Request, state: StateDep, model_name: ModelName) -> V2Model:
     """The v2 model a route names, at the version its path gives, if it gives one."""
-    return find_model(_registry(state), model_name, request.path_params.get("model_version"))
+    return find_model(_models(state), model_name, request.path_params.get("model_version"))
 
 
 V2ModelDep = Annotated[V2Model, Depends(v2_model)]
@@ -185,7 +184,7 @@ async def live() -> Liveness:
 @router.get("/health/ready", response_model=Readiness, responses=_errors(503))
 async def ready(state: StateDep) -> Readiness:
     """200 once every model is loaded and warmed up (as /readyz); 503 before."""
-    _registry(state)
+    _models(state)
     return Readiness(ready=True)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings, SettingsError
+from app.settings import Settings, SettingsError, usable_cores
 
 
 @pytest.fixture(autouse=True)
@@ -38,10 +38,20 @@ def test_defaults() -> None:
     assert settings.max_batch_wait_ms == 0.0
     assert settings.max_queue_images == 4096
     assert settings.request_timeout_s == 30.0
-    assert settings.workers == 1
+    assert settings.workers is None
+    assert settings.worker_count == usable_cores()
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
     assert settings.torch_threads is None
     assert settings.log_level == "info"
     assert settings.enable_test_hooks is False
+
+
+def test_workers_share_out_the_cores_for_torch_threads() -> None:
+    cores = usable_cores()
+    assert Settings(workers=1).threads_per_worker is None  # torch's own default
+    assert Settings(workers=2).threads_per_worker == max(1, cores // 2)
+    assert Settings(workers=2, torch_threads=3).threads_per_worker == 3
+    assert Settings().threads_per_worker == (None if cores == 1 else 1)
 
 
 def test_environment_variables_are_read_with_the_vae_prefix(
