@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     workers: int | None = Field(
         default=None,
         gt=0,
-        description="Server worker processes, each with its own copy of the models; unset: "
-        "one per CPU core this process may use (its CPU affinity and cgroup CPU limit).",
+        description="Server worker processes, each with its own copy of the models; unset or "
+        "`auto`: one per CPU core this process may use (its CPU affinity and cgroup CPU limit).",
     )
     torch_threads: int | None = Field(
         default=None,
@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         description="Serve POST /bench/floor (a constant PNG) for the benchmark suite's "
         "floor measurement; off in production.",
     )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        """`auto` (for config files that must name a value): one per usable core."""
+        return None if isinstance(value, str) and value.strip().lower() == "auto" else value
 
     @model_validator(mode="after")
     def _queue_holds_the_largest_request(self) -> "Settings":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import torch
 from fastapi import Depends, Query, Request
 
 from app.batching import MicroBatcher
@@ -24,6 +25,13 @@ class ServiceState:
     batchers: dict[str, MicroBatcher] = field(default_factory=dict)
     v2_models: dict[str, V2Model] = field(default_factory=dict)  # by name, built at load
     ready: bool = False
+
+    def observe_gpu_memory(self) -> None:
+        """vae_gpu_memory_allocated_bytes of each GPU a model is on, now (before a scrape)."""
+        if torch.cuda.is_available() and self.registry is not None:
+            devices = {m.device for m in self.registry.models.values() if m.device.type == "cuda"}
+            for device in devices:
+                self.metrics.gpu_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
 
     def handle(self, model: str | None) -> ModelHandle:
         if not self.ready or self.registry is None:

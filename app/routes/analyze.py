@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.imaging import heatmap_png, make_grid_png, to_base64
+from app.imaging import Images, heatmap_png, pairs_grid_png, to_base64
 from app.responses import JSON, PNG, images_json, negotiate
 from app.routes import error_responses, image_content
 from app.routes.generate import DigitQuery, Invert
@@ -26,7 +25,7 @@ UPLOAD_ERRORS = error_responses(400, 404, 408, 413, 415, 422, 503, 504)
 class DigitUpload:
     """Uploaded images (N, 1, 28, 28) and the digit to read them as (None: the model infers)."""
 
-    x: torch.Tensor
+    x: Images
     digit: int | None
 
 
@@ -81,8 +80,7 @@ async def reconstruct(request: Request, handle: ModelDep, upload: UploadDep) -> 
         encoded = await run_in_threadpool(images_json, images)
         items = [{"image": img, "error": float(e)} for img, e in zip(encoded, error, strict=True)]
         return JSONResponse({"model": handle.name, "items": items})
-    pairs = torch.stack([x, images], dim=1).flatten(0, 1)  # (2N, 1, 28, 28): input, output, ...
-    return Response(await run_in_threadpool(make_grid_png, pairs, 2), media_type=PNG)
+    return Response(await run_in_threadpool(pairs_grid_png, x, images), media_type=PNG)
 
 
 @router.post(

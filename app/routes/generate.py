@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import BadRequest, InvalidInput
+from app.errors import InvalidInput
 from app.imaging import decode_base64_image
-from app.inference import one_hot
 from app.predict import Endpoint, Generated, PriorName, draw_seed
 from app.responses import image_response
 from app.routes import error_responses, image_content
@@ -92,30 +90,7 @@ async def decode(
 ) -> Response:
     """Decode latent vectors into images."""
     _check_count(len(body.z), state.settings.max_samples)
-    latent_dim = handle.entry.latent_dim
-    for index, row in enumerate(body.z):
-        if len(row) != latent_dim:
-            raise InvalidInput(
-                f"z[{index}] has {len(row)} values; model {handle.name!r} has latent_dim "
-                f"{latent_dim}"
-            )
-    z = torch.tensor(body.z, dtype=torch.float32)
-    digits: list[int] | None = None
-    if handle.num_classes is None:
-        if body.digit is not None:
-            handle.check_digit(0)  # raises: this model takes no digit
-    else:
-        if body.digit is None:
-            raise BadRequest(f"model {handle.name!r} is conditional: give 'digit' (0..9)")
-        digits = body.digit if isinstance(body.digit, list) else [body.digit] * len(body.z)
-        if len(digits) != len(body.z):
-            raise InvalidInput(f"'digit' has {len(digits)} entries for {len(body.z)} rows of z")
-        for d in digits:
-            handle.check_digit(d)
-    labels = None
-    if digits is not None and handle.num_classes is not None:
-        labels = one_hot(torch.tensor(digits), handle.num_classes)
-    images = await handle.decode(z, labels)
+    images, digits = await handle.decode_rows(body.z, body.digit)
     meta = {"model": handle.name, "seed": 0, "digits": digits}
     return await image_response(request, images, nrow=nrow, meta=meta, headers={"X-Seed": "0"})
 
@@ -143,8 +118,7 @@ async def interpolate(
                 max_pixels=settings.max_image_pixels,
                 invert=end.invert,
             )
-        z = None if end.z is None else torch.tensor(end.z, dtype=torch.float32)
-        return Endpoint(z=z, image=image, digit=end.digit)
+        return Endpoint(z=end.z, image=image, digit=end.digit)
 
     start = await run_in_threadpool(endpoint, body.start)
     end = await run_in_threadpool(endpoint, body.end)

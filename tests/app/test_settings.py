@@ -52,6 +52,7 @@ def test_workers_share_out_the_cores_for_torch_threads() -> None:
     assert Settings(workers=2).threads_per_worker == max(1, cores // 2)
     assert Settings(workers=2, torch_threads=3).threads_per_worker == 3
     assert Settings().threads_per_worker == (None if cores == 1 else 1)
+    assert Settings(workers="auto").workers is None
 
 
 def test_environment_variables_are_read_with_the_vae_prefix(

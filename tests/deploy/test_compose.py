@@ -154,7 +154,7 @@ def test_api_gets_every_setting_with_a_default(services: dict[str, dict[str, Any
     # binds 127.0.0.1 by default, which nothing outside the container could reach.
     assert env["VAE_HOST"] == "0.0.0.0"
     assert env["VAE_PORT"] == "8000"
-    # One process, one metrics registry: Prometheus would see the counters of a random worker.
+    # One process on the GPU, batching every request for it (VAE_WORKERS=auto on CPU).
     assert env["VAE_WORKERS"] == "1"
     assert all(value for value in env.values()), env
 
