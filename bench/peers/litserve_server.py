@@ -32,7 +32,7 @@ class SampleAPI(ls.LitAPI):
         self.peer = PeerModel.load(self.checkpoint)
 
     # Unannotated `request`: LitServe then hands over the JSON body as parsed.
-    def decode_request(self, request) -> tuple[torch.Tensor, int]:  # type: ignore[no-untyped-def]
+    def decode_request(self, request) -> tuple[torch.Tensor, int]:
         digit = int(request.get("digit", 7))
         seed = int(request.get("seed", secrets.randbelow(MAX_SEED + 1)))
         return self.peer.candidates(digit, seed)[0], digit
