@@ -49,14 +49,23 @@ async def get_state(request: Request) -> ServiceState:
     return state
 
 
+ModelQuery = Annotated[
+    str | None,
+    Query(description="Name of a loaded model (GET /models); default: the first configured."),
+]
+
+
 async def get_model(
-    state: Annotated[ServiceState, Depends(get_state)],
-    model: Annotated[
-        str | None,
-        Query(description="Name of a loaded model (GET /models); default: the first configured."),
-    ] = None,
+    state: Annotated[ServiceState, Depends(get_state)], model: ModelQuery = None
 ) -> ModelHandle:
     return state.handle(model)
+
+
+def service(request: Request) -> ServiceState:
+    """The app's state, for the hottest routes, which take it without FastAPI's dependency
+    solving (two sub-dependencies cost /sample ~14% of its server time under load)."""
+    state: ServiceState = request.app.state.service
+    return state
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]

@@ -20,7 +20,7 @@ from app.schemas import (
     InterpolationEnd,
     InterpolationJSON,
 )
-from app.state import ModelDep, StateDep
+from app.state import ModelDep, ModelQuery, StateDep, service
 from app.uploads import multipart_body, read_images
 
 router = APIRouter(tags=["generation"])
@@ -68,8 +68,7 @@ async def _respond(
 @router.post("/sample", responses=GENERATED)
 async def sample(
     request: Request,
-    state: StateDep,
-    handle: ModelDep,
+    model: ModelQuery = None,
     n: Annotated[int, Query(ge=1, le=4096, description="Images to draw.")] = 1,
     digit: DigitQuery = None,
     temperature: Temperature = 1.0,
@@ -78,6 +77,8 @@ async def sample(
     prior: PriorQuery = None,
 ) -> Response:
     """Draw n images from the prior, of one digit or (conditional models) of random digits."""
+    state = service(request)
+    handle = state.handle(model)
     _check_count(n, state.settings.max_samples)
     seed = draw_seed() if seed is None else seed
     generated = await handle.sample(n, digit, temperature, seed, prior)

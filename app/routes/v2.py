@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import NotReady
-from app.state import ServiceState, StateDep
+from app.state import ServiceState, StateDep, service
 from app.v2_models import VERSION, V2Model, find_model, infer
 from app.v2_protocol import (
     BINARY_TYPE,
@@ -201,8 +201,11 @@ async def model_ready(model: V2ModelDep) -> Readiness:
 
 
 @model_route("POST", "/infer", responses=INFER_RESPONSES, openapi_extra=INFER_OPENAPI)
-async def model_infer(request: Request, state: StateDep, model: V2ModelDep) -> Response:
+async def model_infer(request: Request, model_name: ModelName) -> Response:
     """Run a v2 model on tensors in JSON or binary (the binary tensor data extension)."""
+    # The hot route takes its state and model without dependency solving (app.state.service).
+    state = service(request)
+    model = find_model(_models(state), model_name, request.path_params.get("model_version"))
     body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
     if len(body) > INLINE_BODY_BYTES:

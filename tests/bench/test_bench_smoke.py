@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +39,13 @@ LOAD_NUMBERS = ("req_s", "images_s", "p50_ms", "p90_ms", "p99_ms", "mean_ms")
 def results(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")
     command = [sys.executable, "-m", "bench", "--quick", "--checkpoint", str(trained_checkpoint)]
+    # No peers venv, whatever this machine has: the peers section says it is skipped and why
+    # (its cases are tested against the project in test_peers.py).
+    env = {**os.environ, "VAE_BENCH_PEERS_VENV": str(out / "no-peers-venv")}
     completed = subprocess.run(
         [*command, "--out", str(out), "--name", "smoke"],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=SUITE_TIMEOUT_S,
@@ -85,6 +90,11 @@ def test_batching_and_workers_configurations_are_measured(results: dict[str, Any
     choice = results["workers_choice"]
     assert choice["fastest"] in results["workers"]["configs"]
     assert choice["relative_throughput"]["w1_tdefault"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_the_peers_section_without_its_venv_says_how_to_make_it(results: dict[str, Any]) -> None:
+    assert "make peers" in results["peers"]["skipped"]
 
 
 @pytest.mark.slow
