@@ -157,6 +157,7 @@ def _peers_lines(peers: dict[str, Any] | None) -> list[str]:
     lines = [
         "**Peers** (the same checkpoint and work on the same cores, rounds interleaved; "
         f"LitServe with batch_timeout {peers['litserve_batch_timeout_s']:g}, "
+        f"each peer's model on {peers.get('peer_torch_threads', 'default')} torch thread(s), "
         f"{peers['idle_litserve']}; the project with its default settings)",
         "",
     ]

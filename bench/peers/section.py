@@ -25,6 +25,11 @@ from bench.serving import Case, Scale, _probe, merge, run_closed
 REPO_DIR = Path(__file__).resolve().parents[2]
 PEERS_VENV = Path(os.environ.get("VAE_BENCH_PEERS_VENV", REPO_DIR / ".venv-peers"))
 BINARY_HEADER = "Inference-Header-Content-Length"
+# Each peer's model runs with the torch threads each of the project's workers gets by default
+# (one per worker, a worker per core): with more, OpenMP's spinning threads would fight the
+# HTTP processes for the same cores.
+PEER_TORCH_THREADS = "1"
+LITSERVE_BATCH_TIMEOUT_S = 0.0  # as a new user would leave it; the idle server is paused
 JSON_TYPE = "application/json"
 # The goals of issue 18: the project's throughput over the peer's, per case.
 GOALS = {
@@ -130,7 +135,10 @@ def build_cases(model: str, image: np.ndarray, latent: np.ndarray) -> list[PeerC
 
 def _litserve(python: Path, checkpoint: Path) -> Server:
     def command(port: int) -> list[str]:
-        return [str(python), "-m", "bench.peers.litserve_server", str(checkpoint), str(port)]
+        return [
+            *(str(python), "-m", "bench.peers.litserve_server", str(checkpoint), str(port)),
+            *(str(LITSERVE_BATCH_TIMEOUT_S), PEER_TORCH_THREADS),
+        ]
 
     return Server(checkpoint, cwd=REPO_DIR, command=command, ready_path="/health")
 
@@ -138,7 +146,10 @@ def _litserve(python: Path, checkpoint: Path) -> Server:
 def _triton(python: Path, checkpoint: Path) -> Server:
     def command(port: int) -> list[str]:
         ports = [str(port), str(free_port()), str(free_port())]
-        return [str(python), "-m", "bench.peers.triton_server", str(checkpoint), *ports]
+        return [
+            *(str(python), "-m", "bench.peers.triton_server", str(checkpoint)),
+            *(*ports, PEER_TORCH_THREADS),
+        ]
 
     model = checkpoint.resolve().name
     return Server(
@@ -215,7 +226,8 @@ def peers(
         for server in servers.values():
             server.stop()
     out: dict[str, Any] = {
-        "litserve_batch_timeout_s": 0.0,
+        "litserve_batch_timeout_s": LITSERVE_BATCH_TIMEOUT_S,
+        "peer_torch_threads": int(PEER_TORCH_THREADS),
         "idle_litserve": "paused (SIGSTOP) while the others are measured",
         "cases": {},
     }

@@ -6,7 +6,8 @@ digit_probability, percentile, each [-1, 1]) and `default-decode` (z FP32 [-1, L
 INT64 [-1, 1] -> images), each with Triton's dynamic batcher, max batch 64, no queue delay,
 the model's own `anomaly_score` and `decode` per batch. Run with the peers' venv (made by the
 system Python, whose libpython the backend stub links):
-`.venv-peers/bin/python -m bench.peers.triton_server CHECKPOINT HTTP_PORT GRPC_PORT METRICS_PORT`.
+`.venv-peers/bin/python -m bench.peers.triton_server CHECKPOINT HTTP_PORT GRPC_PORT METRICS_PORT
+[TORCH_THREADS]`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ MAX_BATCH_SIZE = 64
 def main(argv: list[str]) -> None:
     checkpoint = Path(argv[0])
     http_port, grpc_port, metrics_port = (int(port) for port in argv[1:4])
+    if len(argv) > 4:  # torch threads of the model (PyTriton runs it in this process)
+        torch.set_num_threads(int(argv[4]))
     torch.set_grad_enabled(False)
     peer = PeerModel.load(checkpoint)
     latent_dim = peer.model.config.latent_dim
