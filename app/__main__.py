@@ -172,12 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     if workers == 1:
         uvicorn.run(create_app(settings, registry), **common)  # type: ignore[arg-type]
         return 0
-    # Each worker loads the (already validated) checkpoints itself, with its share of the
-    # cores as torch threads, and writes its metrics where /metrics adds them all up.
-    threads = settings.threads_per_worker
-    if threads is not None:
-        os.environ["VAE_TORCH_THREADS"] = str(threads)
-    logger.info("serving with %d worker processes, %s torch thread(s) each", workers, threads)
+    # Each worker loads the (already validated) checkpoints itself and writes its metrics where
+    # /metrics adds them all up.
+    logger.info("serving with %d worker processes", workers)
     del registry  # the workers load their own; this process only supervises them
     with multiprocess_metrics():
         uvicorn.run("app.main:create_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]

@@ -95,8 +95,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None,
         gt=0,
-        description="torch.set_num_threads per worker; unset: the usable cores shared out "
-        "among the workers (torch's own default, one per core of the machine, when one).",
+        description="torch.set_num_threads in each worker; unset keeps torch's default (one "
+        "per core). Measured: one thread per worker made /sample slower (bench/results).",
     )
     log_level: str = Field(default="info", description=f"One of {', '.join(LOG_LEVELS)}.")
     enable_test_hooks: bool = Field(
@@ -159,13 +159,6 @@ class Settings(BaseSettings):
     @property
     def worker_count(self) -> int:
         return self.workers or usable_cores()
-
-    @property
-    def threads_per_worker(self) -> int | None:
-        """What torch.set_num_threads gets in each worker (None: leave torch's default)."""
-        if self.torch_threads is not None or self.worker_count == 1:
-            return self.torch_threads
-        return max(1, usable_cores() // self.worker_count)
 
     @property
     def shutdown_drain_s(self) -> int:

@@ -46,13 +46,10 @@ def test_defaults() -> None:
     assert settings.enable_test_hooks is False
 
 
-def test_workers_share_out_the_cores_for_torch_threads() -> None:
-    cores = usable_cores()
-    assert Settings(workers=1).threads_per_worker is None  # torch's own default
-    assert Settings(workers=2).threads_per_worker == max(1, cores // 2)
-    assert Settings(workers=2, torch_threads=3).threads_per_worker == 3
-    assert Settings().threads_per_worker == (None if cores == 1 else 1)
+def test_workers_default_to_the_usable_cores() -> None:
+    assert Settings().worker_count == usable_cores()
     assert Settings(workers="auto").workers is None
+    assert Settings(workers=3).worker_count == 3
 
 
 def test_environment_variables_are_read_with_the_vae_prefix(
