@@ -206,13 +206,26 @@ class Settings(BaseSettings):
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on: its affinity, capped by a cgroup v2 CPU limit
-    (a container's or a Kubernetes pod's `limits.cpu`, rounded up), at least 1."""
+    """The CPU cores this process may run on: its affinity, capped by a cgroup CPU limit (a
+    container's or a Kubernetes pod's `limits.cpu`, rounded up), at least 1."""
     cores = len(os.sched_getaffinity(0))
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """The cgroup's CPU limit in cores (v2 cpu.max, else v1 cfs quota), None when unlimited."""
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
     except (OSError, ValueError):
-        return max(1, cores)
-    if quota != "max" and int(period) > 0:
-        cores = min(cores, math.ceil(int(quota) / int(period)))
-    return max(1, cores)
+        try:
+            v1 = Path("/sys/fs/cgroup/cpu")
+            quota = (v1 / "cpu.cfs_quota_us").read_text().strip()
+            period = (v1 / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or int(period) <= 0:
+        return None
+    return int(quota) / int(period)
