@@ -125,7 +125,7 @@ def choose_workers(results: dict[str, Any]) -> dict[str, Any] | None:
         "relative_throughput": relative,
         "fastest": best,
         "fastest_workers": configs[best]["workers"],
-        "default": "one worker per usable core, the cores shared out as torch threads",
+        "default": "one worker per usable core, each with torch's own threads",
     }
 
 
