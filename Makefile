@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CHECKPOINT ?= checkpoints/default
 
-.PHONY: setup setup-dev run train test lint bench clean
+.PHONY: setup setup-dev run train test lint bench peers clean
 
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.dev-installed
@@ -53,10 +53,27 @@ BENCH_ARGS ?=
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
 
+# The peers `python -m bench` measures the service against (bench/peers/): LitServe and NVIDIA
+# Triton through PyTriton, in a venv of their own, made by the system Python (PyTriton's Python
+# backend stub links that libpython: another interpreter's venv fails with an _thread.RLock
+# error). Not needed by the service, nor by `make test`; without it the peers section is skipped.
+PEERS_PYTHON ?= /usr/bin/python3
+PEERS_VENV ?= .venv-peers
+PEERS_TORCH_SPEC ?= torch==2.14.1
+PEERS_SPEC ?= 'litserve>=0.2.19,<0.3' 'nvidia-pytriton>=0.7,<0.8' safetensors numpy pillow
+
+peers: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed:
+	$(PEERS_PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet $(PEERS_TORCH_SPEC)
+	$(PEERS_VENV)/bin/pip install --quiet $(PEERS_SPEC)
+	touch $@
+
 lint: setup-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy models training app bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .mypy_cache .ruff_cache

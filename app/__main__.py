@@ -7,6 +7,9 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -14,6 +17,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from app.main import create_app
+from app.metrics import MULTIPROC_ENV
 from app.registry import Registry, resolve_device
 from app.settings import Settings, SettingsError
 from models import CheckpointError
@@ -33,7 +37,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="VAE_DEVICE: auto, cpu, cuda or cuda:N")
     parser.add_argument("--host", help="VAE_HOST")
     parser.add_argument("--port", help="VAE_PORT")
-    parser.add_argument("--workers", help="VAE_WORKERS: server processes")
+    parser.add_argument(
+        "--workers", help="VAE_WORKERS: server processes (default: one per usable core)"
+    )
     parser.add_argument("--log-level", help="VAE_LOG_LEVEL")
     parser.add_argument(
         "--train-if-missing",
@@ -162,12 +168,37 @@ def main(argv: list[str] | None = None) -> int:
         # answered before the app, invisibly, and counted idle keep-alive connections too, so
         # enough idle ones made it refuse every request, scrapes and probes included.
     }
-    if settings.workers == 1:
+    workers = settings.worker_count
+    if workers == 1:
         uvicorn.run(create_app(settings, registry), **common)  # type: ignore[arg-type]
-    else:
-        # Each worker loads the (already validated) checkpoints itself.
-        uvicorn.run("app.main:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+        return 0
+    # Each worker loads the (already validated) checkpoints itself and writes its metrics where
+    # /metrics adds them all up.
+    logger.info("serving with %d worker processes", workers)
+    del registry  # the workers load their own; this process only supervises them
+    with multiprocess_metrics():
+        uvicorn.run("app.main:create_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
     return 0
+
+
+@contextmanager
+def multiprocess_metrics() -> Iterator[None]:
+    """PROMETHEUS_MULTIPROC_DIR for the workers: the one given (emptied of a previous run's
+    files, as prometheus_client requires), else a temporary folder removed at exit."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="vae-metrics-") as temporary:
+        os.environ[MULTIPROC_ENV] = temporary
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROC_ENV]
 
 
 if __name__ == "__main__":

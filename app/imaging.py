@@ -201,6 +201,33 @@ def encode_png(image: torch.Tensor) -> bytes:
     return _png_bytes(_to_uint8(_as_2d(image, "encode_png")))
 
 
+# What the routes call image batches, (N, 1, 28, 28) floats in [0, 1], without importing torch.
+Images = torch.Tensor
+
+
+def gradient_png() -> bytes:
+    """A constant 28x28 grey ramp: the benchmark floor's response."""
+    return encode_png(torch.linspace(0.0, 1.0, IMAGE_SIDE * IMAGE_SIDE).view(1, 28, 28))
+
+
+def pairs_grid_png(inputs: torch.Tensor, outputs: torch.Tensor) -> bytes:
+    """(N, 1, H, W) twice -> one PNG, a row per pair: the input, then its output."""
+    return make_grid_png(torch.stack([inputs, outputs], dim=1).flatten(0, 1), 2)
+
+
+def neighbours_grid_png(
+    queries: torch.Tensor, rows: list[list[torch.Tensor]], columns: int
+) -> bytes:
+    """One row per query (N, 1, H, W): the query, then its row's images, black where a row has
+    fewer than `columns` - 1."""
+    tiles = torch.zeros(len(rows), columns, *queries.shape[1:])
+    for q, row in enumerate(rows):
+        tiles[q, 0] = queries[q]
+        for column, image in enumerate(row, start=1):
+            tiles[q, column] = image
+    return make_grid_png(tiles.flatten(0, 1), columns)
+
+
 def make_grid_png(images: torch.Tensor, nrow: int) -> bytes:
     """(N, 1, H, W) -> one grayscale PNG, `nrow` tiles a row, 2 px of black around each."""
     _check_frames(images, "make_grid_png")

@@ -1,6 +1,17 @@
-"""Prometheus metrics exported by the service: one registry, names fixed by the API contract."""
+"""Prometheus metrics exported by the service: one registry, names fixed by the API contract.
+
+With several worker processes (`VAE_WORKERS` > 1) every worker writes its samples to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, set up by `python -m app`
+before the workers start) and `/metrics`, whichever worker answers it, adds up all of them.
+"""
 
 from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -10,7 +21,12 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # 0.5 ms to 10 s: a cached PNG on loopback is sub-millisecond, a cold GPU batch can take seconds.
 LATENCY_BUCKETS = (
@@ -26,7 +42,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        ProcessCollector(registry=self.registry)
+        self.multiprocess_dir = multiprocess_dir()
+        if self.multiprocess_dir is None:
+            ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.request_duration = Histogram(
             "vae_request_duration_seconds",
@@ -35,8 +53,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # Gauges say how several workers' values combine: live ones summed (a dead worker's
+        # requests are not in flight), model_info the same 1 in each.
         self.requests_in_flight = Gauge(
-            "vae_requests_in_flight", "HTTP requests being handled now.", registry=self.registry
+            "vae_requests_in_flight",
+            "HTTP requests being handled now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.requests_rejected = Counter(
             "vae_requests_rejected_total",
@@ -63,6 +86,7 @@ class Metrics:
             "Images waiting for a forward pass, by model.",
             ["model"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.anomaly_score = Histogram(
             "vae_anomaly_score",
@@ -76,14 +100,73 @@ class Metrics:
             "Loaded models: 1 per model with its architecture and device.",
             ["model", "architecture", "device"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.gpu_memory = Gauge(
             "vae_gpu_memory_allocated_bytes",
             "GPU memory held by tensors, by device (absent on CPU-only hosts).",
             ["device"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
 
     def render(self) -> bytes:
-        """The registry in Prometheus text format."""
-        return generate_latest(self.registry)
+        """The registry in Prometheus text format; in multiprocess mode every worker's."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined, path=str(self.multiprocess_dir))
+        combined.register(WorkersProcessCollector(self.multiprocess_dir))
+        PlatformCollector(registry=combined)
+        return generate_latest(combined)
+
+    def close(self) -> None:
+        """This worker is stopping: its live gauges leave the sums."""
+        if self.multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), str(self.multiprocess_dir))
+
+
+def multiprocess_dir() -> Path | None:
+    """PROMETHEUS_MULTIPROC_DIR when set (multiprocess mode), else None."""
+    value = os.environ.get(MULTIPROC_ENV)
+    return Path(value) if value else None
+
+
+# prometheus_client names each worker's files <kind>[_<mode>]_<pid>.db.
+_WORKER_FILE = re.compile(r"_(\d+)\.db$")
+
+
+class WorkersProcessCollector(Collector):
+    """The process metrics of all live workers added up (CPU seconds, memory, open files; the
+    earliest start time, the lowest file limit), so the dashboard's memory and CPU stay the
+    whole service's."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _pids(self) -> set[int]:
+        pids = set()
+        for path in self.directory.glob("*.db"):
+            match = _WORKER_FILE.search(path.name)
+            if match and Path(f"/proc/{match.group(1)}").exists():
+                pids.add(int(match.group(1)))
+        return pids or {os.getpid()}
+
+    def collect(self) -> Iterable[Metric]:
+        totals: dict[str, Metric] = {}
+        for pid in sorted(self._pids()):
+            collector = ProcessCollector(pid=partial(int, pid), registry=None)
+            for metric in collector.collect():
+                kept = totals.setdefault(metric.name, metric)
+                if kept is metric:
+                    continue
+                combine = (
+                    min
+                    if metric.name in ("process_start_time_seconds", "process_max_fds")
+                    else lambda a, b: a + b
+                )
+                kept.samples = [
+                    mine._replace(value=combine(mine.value, theirs.value))
+                    for mine, theirs in zip(kept.samples, metric.samples, strict=True)
+                ]
+        return list(totals.values())

@@ -6,6 +6,7 @@ reproducible from its seed whatever else is in the batch.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch import Tensor
 from app.batching import MicroBatcher
 from app.errors import BadRequest, InvalidInput
 from app.inference import FAULT_INPUT, NO_DIGIT, one_hot, requested_fault
+from app.metrics import Metrics
 from app.registry import LoadedModel
 from models import VAE
 from models.index import LatentIndex
@@ -44,10 +46,51 @@ class Generated:
 
 
 @dataclass
+class Scored:
+    """Anomaly scores of N images, decided: each over `threshold` or not, placed among the
+    validation scores (`percentile`, None without saved percentiles), with the digit the
+    model read (None when unconditional), the score's statistics (N, S) by name and the
+    per-pixel error maps (N, 1, 28, 28)."""
+
+    scores: list[float]
+    threshold: float
+    is_anomaly: list[bool]
+    percentile: list[float | None]
+    digits: list[int] | None
+    digit_probability: list[float] | None
+    statistics: Tensor
+    statistic_names: tuple[str, ...]
+    error_map: Tensor
+    score_kind: str
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A training image found near a query: its index in the latent index, its distance from
+    the query and its label."""
+
+    index: int
+    distance: float
+    label: int
+
+
+@dataclass
+class Neighbours:
+    """Per query, its neighbours nearest first; the digit searched within and its probability
+    (None when unconditional); the index's distance and search kind."""
+
+    rows: list[list[Neighbour]]
+    digits: list[int] | None
+    digit_probability: list[float] | None
+    distance: str
+    search: str
+
+
+@dataclass
 class Endpoint:
     """One end of an interpolation: a latent, an image, or just a digit (z from the prior)."""
 
-    z: Tensor | None = None
+    z: Sequence[float] | None = None
     image: Tensor | None = None
     digit: int | None = None
 
@@ -55,9 +98,12 @@ class Endpoint:
 class ModelHandle:
     """What the routes call: one loaded model and its batcher."""
 
-    def __init__(self, entry: LoadedModel, batcher: MicroBatcher) -> None:
+    def __init__(
+        self, entry: LoadedModel, batcher: MicroBatcher, metrics: Metrics | None = None
+    ) -> None:
         self.entry = entry
         self.batcher = batcher
+        self.metrics = metrics
 
     @property
     def name(self) -> str:
@@ -109,6 +155,32 @@ class ModelHandle:
         """z (N, L) and one-hot/blended labels (N, C) or None -> images (N, 1, 28, 28)."""
         inputs = {"z": z} if labels is None else {"z": z, "labels": labels}
         return (await self._submit("decode", inputs))["images"]
+
+    async def decode_rows(
+        self, z: Sequence[Sequence[float]], digit: int | Sequence[int] | None
+    ) -> tuple[Tensor, list[int] | None]:
+        """Rows of latent_dim values and their digit (one for all, one per row; required by
+        conditional models, refused by others) -> images (N, 1, 28, 28) and each row's digit."""
+        latent_dim = self.entry.latent_dim
+        for index, row in enumerate(z):
+            if len(row) != latent_dim:
+                raise InvalidInput(
+                    f"z[{index}] has {len(row)} values; model {self.name!r} has latent_dim "
+                    f"{latent_dim}"
+                )
+        if self.num_classes is None:
+            if digit is not None:
+                self.check_digit(0)  # raises: this model takes no digit
+            return await self.decode(torch.tensor(z, dtype=torch.float32), None), None
+        if digit is None:
+            raise BadRequest(f"model {self.name!r} is conditional: give 'digit' (0..9)")
+        digits = [digit] * len(z) if isinstance(digit, int) else list(digit)
+        if len(digits) != len(z):
+            raise InvalidInput(f"'digit' has {len(digits)} entries for {len(z)} rows of z")
+        for value in digits:
+            self.check_digit(value)
+        labels = one_hot(torch.tensor(digits), self.num_classes)
+        return await self.decode(torch.tensor(z, dtype=torch.float32), labels), digits
 
     def prior(self, name: PriorName | None) -> tuple[PriorName, GaussianMixturePrior | None]:
         """The prior a request samples from: the fitted one unless `standard` is asked for (or
@@ -242,7 +314,7 @@ class ModelHandle:
                 raise BadRequest(
                     f"model {self.name!r} is conditional: give a 'digit' with each 'z' endpoint"
                 )
-            return endpoint.z, endpoint.digit
+            return torch.tensor(endpoint.z, dtype=torch.float32), endpoint.digit
         if endpoint.digit is None:
             raise BadRequest("an endpoint needs 'z', 'image' or 'digit'")
         if self.num_classes is None:
@@ -262,18 +334,66 @@ class ModelHandle:
             )
         return self.entry.index
 
-    async def similar(self, x: Tensor, k: int, digit: int | None) -> dict[str, Tensor]:
-        """Indices and distances (N, >= k) into the latent index, nearest first, and for
-        conditional models the digit searched within and its probability (N,)."""
-        self.latent_index()
+    async def similar(self, x: Tensor, k: int, digit: int | None) -> Neighbours:
+        """The k training images nearest to each of x (N, 1, 28, 28), nearest first (fewer
+        where a digit has fewer than k), and for conditional models the digit searched within
+        and its probability."""
+        index = self.latent_index()
         self.check_digit(digit)
         inputs = {"x": x, "k": torch.full((len(x),), k, dtype=torch.long)}
-        return await self._submit("similar", {**inputs, **self._digit_input(digit, len(x))})
+        found = await self._submit("similar", {**inputs, **self._digit_input(digit, len(x))})
+        indices, distances = found["indices"][:, :k], found["distances"][:, :k]
+        labels = index.labels[indices.to(index.device)].cpu()
+        # A digit with fewer than k training images pads its row with inf: not neighbours.
+        rows = [
+            [Neighbour(i, d, y) for i, d, y in zip(*row, strict=True) if math.isfinite(d)]
+            for row in zip(indices.tolist(), distances.tolist(), labels.tolist(), strict=True)
+        ]
+        conditional = "digit" in found
+        return Neighbours(
+            rows=rows,
+            digits=found["digit"].tolist() if conditional else None,
+            digit_probability=found["digit_probability"].tolist() if conditional else None,
+            distance=index.distance,
+            search=index.summary()["search"],
+        )
 
-    async def anomaly(self, x: Tensor) -> dict[str, Tensor]:
-        if not bool(self.entry.model.anomaly_fitted) or self.entry.anomaly_threshold is None:
+    def training_image(self, index: int) -> Tensor:
+        """Image `index` of the latent index's training images, (1, 28, 28) in [0, 1]."""
+        return self.latent_index().images[index].float().cpu().div(255.0)[None]
+
+    def check_anomaly(self) -> float:
+        """The calibrated threshold, or a 400 for a model without an anomaly calibration."""
+        threshold = self.entry.anomaly_threshold
+        if not bool(self.entry.model.anomaly_fitted) or threshold is None:
             raise BadRequest(
                 f"model {self.name!r} has no anomaly calibration; retrain it with vae-train "
                 "(which calibrates at the end) or use another model"
             )
-        return await self._submit("anomaly", {"x": x})
+        return threshold
+
+    async def anomaly(self, x: Tensor, threshold: float | None = None) -> Scored:
+        """Score x (N, 1, 28, 28) and decide each against `threshold` (default: the
+        checkpoint's calibrated one); every score is observed once in vae_anomaly_score."""
+        calibrated = self.check_anomaly()
+        limit = calibrated if threshold is None else threshold
+        out = await self._submit("anomaly", {"x": x})
+        scores = out["score"].tolist()
+        if self.metrics is not None:
+            histogram = self.metrics.anomaly_score.labels(self.name)
+            for score in scores:
+                histogram.observe(score)
+        entry = self.entry
+        conditional = "digit" in out
+        return Scored(
+            scores=scores,
+            threshold=limit,
+            is_anomaly=[score > limit for score in scores],
+            percentile=[entry.percentile(score) for score in scores],
+            digits=out["digit"].tolist() if conditional else None,
+            digit_probability=out["digit_probability"].tolist() if conditional else None,
+            statistics=out["statistics"],
+            statistic_names=tuple(entry.model.config.anomaly_statistics),
+            error_map=out["error_map"],
+            score_kind=str(entry.metadata.get("anomaly", {}).get("score_kind", "unknown")),
+        )

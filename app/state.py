@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import torch
 from fastapi import Depends, Query, Request
 
 from app.batching import MicroBatcher
@@ -13,6 +14,7 @@ from app.metrics import Metrics
 from app.predict import ModelHandle
 from app.registry import Registry
 from app.settings import Settings
+from app.v2_models import V2Model
 
 
 @dataclass
@@ -21,13 +23,21 @@ class ServiceState:
     metrics: Metrics
     registry: Registry | None = None
     batchers: dict[str, MicroBatcher] = field(default_factory=dict)
+    v2_models: dict[str, V2Model] = field(default_factory=dict)  # by name, built at load
     ready: bool = False
+
+    def observe_gpu_memory(self) -> None:
+        """vae_gpu_memory_allocated_bytes of each GPU a model is on, now (before a scrape)."""
+        if torch.cuda.is_available() and self.registry is not None:
+            devices = {m.device for m in self.registry.models.values() if m.device.type == "cuda"}
+            for device in devices:
+                self.metrics.gpu_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
 
     def handle(self, model: str | None) -> ModelHandle:
         if not self.ready or self.registry is None:
             raise NotReady("models are still loading; retry when GET /readyz answers 200")
         entry = self.registry.get(model)
-        return ModelHandle(entry, self.batchers[entry.name])
+        return ModelHandle(entry, self.batchers[entry.name], self.metrics)
 
 
 # Dependencies and cheap handlers are `async def`: FastAPI runs a plain `def` one in its
@@ -39,14 +49,23 @@ async def get_state(request: Request) -> ServiceState:
     return state
 
 
+ModelQuery = Annotated[
+    str | None,
+    Query(description="Name of a loaded model (GET /models); default: the first configured."),
+]
+
+
 async def get_model(
-    state: Annotated[ServiceState, Depends(get_state)],
-    model: Annotated[
-        str | None,
-        Query(description="Name of a loaded model (GET /models); default: the first configured."),
-    ] = None,
+    state: Annotated[ServiceState, Depends(get_state)], model: ModelQuery = None
 ) -> ModelHandle:
     return state.handle(model)
+
+
+def service(request: Request) -> ServiceState:
+    """The app's state, for the hottest routes, which take it without FastAPI's dependency
+    solving (two sub-dependencies cost /sample ~14% of its server time under load)."""
+    state: ServiceState = request.app.state.service
+    return state
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]

@@ -144,20 +144,22 @@ def models_of(entry: LoadedModel) -> list[V2Model]:
     return models
 
 
-def find_model(registry: Registry, name: str, version: str | None) -> V2Model:
+def catalog(registry: Registry) -> dict[str, V2Model]:
+    """Every v2 model of every loaded model by name, built once when the models are loaded."""
+    return {model.name: model for entry in registry.models.values() for model in models_of(entry)}
+
+
+def find_model(models: dict[str, V2Model], name: str, version: str | None) -> V2Model:
     """The v2 model `name` (`<model>-<op>`) at `version` (None: its one version), or a 404."""
-    model_name, _, _ = name.rpartition("-")
-    entry = registry.models.get(model_name)
-    found = [m for m in models_of(entry) if m.name == name] if entry is not None else []
-    if not found:
-        known = [m.name for e in registry.models.values() for m in models_of(e)]
+    found = models.get(name)
+    if found is None:
         raise ModelNotFound(
-            f"no v2 model named {name!r}; this server has {', '.join(known)} "
+            f"no v2 model named {name!r}; this server has {', '.join(models)} "
             f"(<model>-<op>, for the models of GET /models and the ops {', '.join(OPS)})"
         )
     if version is not None and version != VERSION:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; its one version is 1")
-    return found[0]
+    return found
 
 
 @dataclass
@@ -353,23 +355,17 @@ async def _anomaly(tensors: dict[str, np.ndarray], context: Context) -> Result:
     threshold = _option("threshold", {}, context, float)
     if threshold is not None and not math.isfinite(threshold):
         raise BadRequest(f"parameter 'threshold' must be finite, got {threshold}")
-    out = await handle.anomaly(_images(tensors, context))
-    entry = handle.entry
-    limit = entry.anomaly_threshold if threshold is None else threshold
-    assert limit is not None  # find_model offers anomaly only for calibrated models
-    scores = out["score"].numpy()
-    histogram = context.metrics.anomaly_score.labels(handle.name)
-    for score in scores.tolist():
-        histogram.observe(score)
-    outputs = {"score": scores, "is_anomaly": scores > limit}
-    if entry.anomaly_quantiles.numel() >= 2:
-        outputs["percentile"] = np.asarray(
-            [entry.percentile(score) for score in scores.tolist()], dtype=np.float32
-        )
-    for name in ("digit", "digit_probability"):
-        if name in out:
-            outputs[name] = out[name].numpy()
-    return outputs, {"threshold": limit}
+    scored = await handle.anomaly(_images(tensors, context), threshold)
+    outputs = {
+        "score": np.asarray(scored.scores, dtype=np.float32),
+        "is_anomaly": np.asarray(scored.is_anomaly, dtype=np.bool_),
+    }
+    if handle.entry.anomaly_quantiles.numel() >= 2:
+        outputs["percentile"] = np.asarray(scored.percentile, dtype=np.float32)
+    if scored.digits is not None and scored.digit_probability is not None:
+        outputs["digit"] = np.asarray(scored.digits, dtype=np.int64)
+        outputs["digit_probability"] = np.asarray(scored.digit_probability, dtype=np.float32)
+    return outputs, {"threshold": scored.threshold}
 
 
 RUNS: dict[str, Run] = {

@@ -18,7 +18,7 @@ from typing import Any
 from bench import machine, report, serving, train_speed
 from models import CheckpointError
 
-SECTIONS = ("serving", "batching", "workers", "startup", "training")
+SECTIONS = ("serving", "peers", "batching", "workers", "startup", "training")
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 CACHE_DIR = BENCH_DIR / ".cache"
@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if "serving" in sections:
                 results["serving"] = serving.serving(pool, scale, log)
+            if "peers" in sections:
+                results["peers"] = run_peers(pool, checkpoint, scale, log)
             if "batching" in sections:
                 results["batching"] = serving.batching(pool, scale, log)
             if "workers" in sections:
@@ -150,6 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     log(f"wrote {written}.json and .md")
     return 0
+
+
+def run_peers(
+    pool: serving.Pool, checkpoint: Path, scale: serving.Scale, log: Any
+) -> dict[str, Any]:
+    """The peers section beside the pool's server with the default settings."""
+    from bench.peers.section import peers
+
+    with pool.servers({"project": {}}) as started:
+        log("peers: the project beside LitServe and Triton on the same checkpoint and work")
+        return peers(started["project"], checkpoint, serving.peer_inputs(checkpoint), scale, log)
 
 
 def run_record(prog: str, argv: Sequence[str] | None) -> dict[str, Any]:

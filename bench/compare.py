@@ -20,8 +20,10 @@ from typing import Any
 
 from bench import machine
 from bench.cli import BENCH_DIR, RESULTS_DIR, default_checkpoint, run_record, write_results
+from bench.peers.section import GOALS
+from bench.peers.section import build_cases as peer_cases
 from bench.server import Server
-from bench.serving import DEFAULT_ENV, FULL, build_cases, digit_pngs, interleaved
+from bench.serving import DEFAULT_ENV, FULL, Case, build_cases, digit_pngs, interleaved, peer_inputs
 
 REPO_DIR = BENCH_DIR.parent
 DEFAULT_CASES = ("sample_c1", "sample_c32", "floor_c32")
@@ -108,14 +110,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", help="results file: compare-<name> (default: the revisions)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    cases = build_cases(digit_pngs(16))
-    names = args.case or list(DEFAULT_CASES)
-    unknown = [n for n in names if n not in cases]
-    if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(cases)}")
     if args.rounds < 1 or args.duration <= 0:
         parser.error("--rounds and --duration must be positive")
+    cases = build_cases(digit_pngs(16))
+    # The peers section's v2 work as the project is asked for it, built (from the checkpoint's
+    # model) only when asked for: v2_anomaly_json_c8, ...
+    v2_cases = [f"v2_{name}" for name, (peer, _) in GOALS.items() if peer == "triton"]
+    names = args.case or list(DEFAULT_CASES)
+    unknown = [n for n in names if n not in cases and n not in v2_cases]
+    if unknown:
+        known = ", ".join([*cases, *v2_cases])
+        parser.error(f"unknown case(s) {', '.join(unknown)}: choose from {known}")
     checkpoint = args.checkpoint or default_checkpoint(print)
+    if any(name in v2_cases for name in names):
+        for peer_case in peer_cases(checkpoint.resolve().name, *peer_inputs(checkpoint)):
+            name = f"v2_{peer_case.name}"
+            cases[name] = Case(name, peer_case.what, [peer_case.project], peer_case.concurrency)
     scale = replace(FULL, rounds=args.rounds, duration_s=args.duration)
     record = run_record("python -m bench.compare", argv)
     with ExitStack() as stack:

@@ -38,6 +38,7 @@ class Request:
     content_type: str | None = None
     images: int = 1
     accept: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # any others, e.g. the v2 binary header's length
 
     def encode(self, port: int) -> bytes:
         lines = [
@@ -50,6 +51,7 @@ class Request:
             lines.append(f"Content-Type: {self.content_type}")
         if self.accept:
             lines.append(f"Accept: {self.accept}")
+        lines.extend(f"{name}: {value}" for name, value in self.headers)
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
 

@@ -7,8 +7,7 @@ from typing import Any
 
 from bench.machine import header
 
-# A workers configuration must beat one worker by this much to be worth per-worker metrics.
-WORKERS_OVERWHELMING = 1.5
+PEER_NAMES = {"litserve": "LitServe", "triton": "Triton"}
 
 
 def _get(data: dict[str, Any], *path: str) -> Any:
@@ -50,6 +49,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "sample_c1" in cases and "sample_c1" in naive:
         cost = cases["sample_c1"]["p50_ms"] - naive["sample_c1"]["p50_ms"]
         add("batching latency cost at c=1 (p50)", cost, "<= +1 ms", _at_most(cost, 1.0), "ms")
+    for row in (_get(results, "peers", "cases") or {}).values():
+        add(
+            f"{row['what']}, c={row['concurrency']}: project / {PEER_NAMES[row['peer']]}",
+            row["ratio"],
+            f">= {row['goal']:g}",
+            _at_least(row["ratio"], row["goal"]),
+            "x",
+        )
     soak = _get(results, "startup", "soak")
     if soak:
         growth = soak["rss_growth_mb"]
@@ -100,7 +107,7 @@ def _above(value: float | None) -> bool | None:
 
 def choose_workers(results: dict[str, Any]) -> dict[str, Any] | None:
     """Per configuration, the geometric mean over its cases of req/s relative to 1 worker with
-    torch's default threads; the default stays 1 worker unless another is overwhelming."""
+    torch's default threads, and the fastest configuration."""
     configs = _get(results, "workers", "configs")
     if not configs or "w1_tdefault" not in configs:
         return None
@@ -114,16 +121,11 @@ def choose_workers(results: dict[str, Any]) -> dict[str, Any] | None:
         ]
         relative[label] = math.exp(sum(logs) / len(logs)) if logs else math.nan
     best = max(relative, key=lambda label: relative[label])
-    overwhelming = relative[best] >= WORKERS_OVERWHELMING
-    one_worker = {k: v for k, v in relative.items() if configs[k]["workers"] == 1}
-    best_single = max(one_worker, key=lambda label: one_worker[label])
     return {
         "relative_throughput": relative,
         "fastest": best,
-        "default_workers": configs[best]["workers"] if overwhelming else 1,
-        "best_one_worker_config": best_single,
-        "rule": f"keep 1 worker (per-worker metrics) unless another configuration is at least "
-        f"{WORKERS_OVERWHELMING:g}x faster across the cases",
+        "fastest_workers": configs[best]["workers"],
+        "default": "one worker per usable core, each with torch's own threads",
     }
 
 
@@ -145,6 +147,49 @@ def _config_table(configs: dict[str, Any], first: list[str]) -> list[str]:
         ]
         rows.append(cells)
     return _table(columns, rows)
+
+
+def _peers_lines(peers: dict[str, Any] | None) -> list[str]:
+    if not peers:
+        return []
+    if "skipped" in peers:
+        return ["**Peers**: not measured, " + peers["skipped"] + ".", ""]
+    lines = [
+        "**Peers** (the same checkpoint and work on the same cores, rounds interleaved; "
+        f"LitServe with batch_timeout {peers['litserve_batch_timeout_s']:g}, "
+        f"each peer's model on {peers.get('peer_torch_threads', 'default')} torch thread(s), "
+        f"{peers['idle_litserve']}; the project with its default settings)",
+        "",
+    ]
+    rows = []
+    for name, row in peers["cases"].items():
+        mine, theirs = row["project"], row["peer_result"]
+        rows.append(
+            [
+                name,
+                row["what"],
+                str(row["concurrency"]),
+                PEER_NAMES[row["peer"]],
+                f"{_fmt(theirs['req_s'])} ({_fmt(theirs['p50_ms'], 1)} / "
+                f"{_fmt(theirs['p99_ms'], 1)})",
+                f"{_fmt(mine['req_s'])} ({_fmt(mine['p50_ms'], 1)} / {_fmt(mine['p99_ms'], 1)})",
+                f"{_fmt(row['ratio'], 2)}x",
+                f">= {row['goal']:g}x",
+                f"{_fmt(theirs['errors'])} / {_fmt(mine['errors'])}",
+            ]
+        )
+    columns = [
+        "case",
+        "work",
+        "concurrency",
+        "peer",
+        "peer req/s (p50 / p99 ms)",
+        "project req/s (p50 / p99 ms)",
+        "project / peer",
+        "goal",
+        "errors peer / project",
+    ]
+    return [*lines, *_table(columns, rows), ""]
 
 
 def _batching_lines(batching: dict[str, Any] | None) -> list[str]:
@@ -281,6 +326,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "",
             ]
             lines += [*_table(SERVING_COLUMNS, _serving_rows(serving["naive"], None)), ""]
+    lines += _peers_lines(results.get("peers"))
     lines += _batching_lines(results.get("batching"))
     workers = results.get("workers")
     if workers:
@@ -299,8 +345,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [
                 "",
                 f"Throughput relative to 1 worker with torch's default threads (geometric mean "
-                f"over the cases): {relative}. Default kept at {choice['default_workers']} "
-                f"worker: {choice['rule']}.",
+                f"over the cases): {relative}. Fastest: {choice['fastest']}; the service's "
+                f"default: {choice['default']}.",
             ]
         lines.append("")
     startup = results.get("startup")

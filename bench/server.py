@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -33,14 +35,24 @@ def free_port() -> int:
 
 
 class Server:
-    """One `python -m app` process (and its workers), with VAE_* settings from `env`."""
+    """One `python -m app` process (and its workers), with VAE_* settings from `env`; or, with
+    `command` (its argv for a port), another server of the same checkpoint, ready when
+    `ready_path` answers 200 (the peers in bench.peers)."""
 
     def __init__(
-        self, checkpoint: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        checkpoint: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        *,
+        command: Callable[[int], list[str]] | None = None,
+        ready_path: str = "/readyz",
     ) -> None:
         self.checkpoint = checkpoint
         self.env = dict(env or {})
         self.cwd = cwd  # another checkout's root, to measure its `app` side by side
+        self.command = command
+        self.ready_path = ready_path
         self.port = 0
         self.startup_s = float("nan")
         self._launched = 0.0
@@ -82,8 +94,9 @@ class Server:
             "VAE_CHECKPOINTS": str(self.checkpoint.resolve()),
         }
         self._launched = time.perf_counter()
+        argv = [sys.executable, "-m", "app"] if self.command is None else self.command(self.port)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "app"],
+            argv,
             env=env,
             cwd=self.cwd,
             stdout=self._log,
@@ -99,7 +112,7 @@ class Server:
     def _wait_ready(self, started: float) -> float:
         import asyncio
 
-        probe = Request("GET", "/readyz").encode(self.port)
+        probe = Request("GET", self.ready_path).encode(self.port)
 
         async def ready() -> bool:
             connection = Connection(self.port)
@@ -162,6 +175,13 @@ class Server:
             total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
         return total / _CLOCK_TICKS
 
+    def pause(self) -> None:
+        """SIGSTOP the server's process group (a peer that busy-polls while idle)."""
+        os.killpg(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.pid, signal.SIGCONT)
+
     def terminate(self) -> None:
         """Ask the server to stop (SIGTERM, graceful) without waiting; stop() waits."""
         if self._process is not None and self._process.poll() is None:
@@ -178,7 +198,11 @@ class Server:
             try:
                 process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                process.kill()
                 process.wait()
+        # Whatever it left behind in its process group (LitServe's API and inference
+        # processes outlive their parent's SIGTERM) goes with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         self._log.close()
         return process.returncode

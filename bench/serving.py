@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -106,6 +107,21 @@ def digit_pngs(count: int) -> list[bytes]:
 
     test = load_dataset("mnist-5k").test
     return [encode_png(image) for image in to_float(test.images[:count])]
+
+
+def peer_inputs(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
+    """What the peers section sends: a held-out digit (28, 28) in [0, 1], and the posterior
+    mean (L,) of the same digit (a 7 drawn from the test split) under its label."""
+    from training.data import load_dataset, to_float
+
+    test = load_dataset("mnist-5k").test
+    index = int((test.labels == 7).nonzero()[0, 0])
+    image = to_float(test.images[index : index + 1])  # (1, 1, 28, 28)
+    model = VAE.from_pretrained(checkpoint).eval()
+    with torch.inference_mode():
+        labels = None if model.config.num_classes is None else torch.tensor([7])
+        latent = model.encode(image, labels).mean[0]
+    return image[0, 0].numpy(), latent.numpy()
 
 
 def build_cases(pngs: list[bytes]) -> dict[str, Case]:
@@ -362,7 +378,7 @@ def workers(pool: Pool, scale: Scale, log: Callable[[str], None]) -> dict[str, A
     chosen = ("sample_c32", "sample_n64_c8", "anomaly_16_c8")
     specs = {}
     for count, threads in scale.worker_configs:
-        env = {} if count == 1 else {"VAE_WORKERS": str(count)}
+        env = {"VAE_WORKERS": str(count)}
         if threads is not None:
             env["VAE_TORCH_THREADS"] = str(threads)
         specs[config_label(count, threads)] = env

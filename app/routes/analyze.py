@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.imaging import heatmap_png, make_grid_png, to_base64
+from app.imaging import Images, heatmap_png, pairs_grid_png, to_base64
 from app.responses import JSON, PNG, images_json, negotiate
 from app.routes import error_responses, image_content
 from app.routes.generate import DigitQuery, Invert
@@ -26,7 +25,7 @@ UPLOAD_ERRORS = error_responses(400, 404, 408, 413, 415, 422, 503, 504)
 class DigitUpload:
     """Uploaded images (N, 1, 28, 28) and the digit to read them as (None: the model infers)."""
 
-    x: torch.Tensor
+    x: Images
     digit: int | None
 
 
@@ -81,8 +80,7 @@ async def reconstruct(request: Request, handle: ModelDep, upload: UploadDep) -> 
         encoded = await run_in_threadpool(images_json, images)
         items = [{"image": img, "error": float(e)} for img, e in zip(encoded, error, strict=True)]
         return JSONResponse({"model": handle.name, "items": items})
-    pairs = torch.stack([x, images], dim=1).flatten(0, 1)  # (2N, 1, 28, 28): input, output, ...
-    return Response(await run_in_threadpool(make_grid_png, pairs, 2), media_type=PNG)
+    return Response(await run_in_threadpool(pairs_grid_png, x, images), media_type=PNG)
 
 
 @router.post(
@@ -103,33 +101,35 @@ async def anomaly_score(
     invert: Invert = False,
 ) -> AnomalyJSON:
     """Anomaly score of each uploaded image: higher = more anomalous."""
+    handle.check_anomaly()  # before the body is read
     x = await read_images(request, state.settings, invert=invert)
-    out = await handle.anomaly(x)
-    entry = handle.entry
-    limit = entry.anomaly_threshold if threshold is None else threshold
-    assert limit is not None  # handle.anomaly refuses uncalibrated models
-    histogram = state.metrics.anomaly_score.labels(handle.name)
+    scored = await handle.anomaly(x, threshold)
     heatmaps = (
-        await run_in_threadpool(lambda: [to_base64(heatmap_png(m)) for m in out["error_map"]])
+        await run_in_threadpool(lambda: [to_base64(heatmap_png(m)) for m in scored.error_map])
         if heatmap
         else [None] * len(x)
     )
-    names = entry.model.config.anomaly_statistics
-    items = []
-    for i, score in enumerate(out["score"].tolist()):
-        histogram.observe(score)
-        items.append(
-            {
-                "score": score,
-                "is_anomaly": score > limit,
-                "percentile": entry.percentile(score),
-                "digit": int(out["digit"][i]) if "digit" in out else None,
-                "digit_probability": float(out["digit_probability"][i]) if "digit" in out else None,
-                "heatmap": heatmaps[i],
-                "components": dict(zip(names, out["statistics"][i].tolist(), strict=True)),
-            }
-        )
-    kind = str(entry.metadata.get("anomaly", {}).get("score_kind", "unknown"))
+    items = [
+        {
+            "score": score,
+            "is_anomaly": scored.is_anomaly[i],
+            "percentile": scored.percentile[i],
+            "digit": None if scored.digits is None else scored.digits[i],
+            "digit_probability": (
+                None if scored.digit_probability is None else scored.digit_probability[i]
+            ),
+            "heatmap": heatmaps[i],
+            "components": dict(
+                zip(scored.statistic_names, scored.statistics[i].tolist(), strict=True)
+            ),
+        }
+        for i, score in enumerate(scored.scores)
+    ]
     return AnomalyJSON.model_validate(
-        {"model": handle.name, "threshold": limit, "score_kind": kind, "items": items}
+        {
+            "model": handle.name,
+            "threshold": scored.threshold,
+            "score_kind": scored.score_kind,
+            "items": items,
+        }
     )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.imaging import encode_png
+from app.imaging import gradient_png
 from app.responses import PNG
 from app.state import StateDep
 from app.uploads import read_images
@@ -14,7 +13,7 @@ from app.uploads import read_images
 router = APIRouter(prefix="/bench", tags=["benchmark"])
 
 # A fixed 28x28 digit-sized gradient, encoded once: the answer costs no model and no codec.
-_FLOOR_PNG = encode_png(torch.linspace(0.0, 1.0, 28 * 28).view(1, 28, 28))
+_FLOOR_PNG = gradient_png()
 
 
 @router.post("/floor", response_class=Response, responses={200: {"content": {PNG: {}}}})

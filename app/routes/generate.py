@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import BadRequest, InvalidInput
+from app.errors import InvalidInput
 from app.imaging import decode_base64_image
-from app.inference import one_hot
 from app.predict import Endpoint, Generated, PriorName, draw_seed
 from app.responses import image_response
 from app.routes import error_responses, image_content
@@ -22,7 +20,7 @@ from app.schemas import (
     InterpolationEnd,
     InterpolationJSON,
 )
-from app.state import ModelDep, StateDep
+from app.state import ModelDep, ModelQuery, StateDep, service
 from app.uploads import multipart_body, read_images
 
 router = APIRouter(tags=["generation"])
@@ -70,8 +68,7 @@ async def _respond(
 @router.post("/sample", responses=GENERATED)
 async def sample(
     request: Request,
-    state: StateDep,
-    handle: ModelDep,
+    model: ModelQuery = None,
     n: Annotated[int, Query(ge=1, le=4096, description="Images to draw.")] = 1,
     digit: DigitQuery = None,
     temperature: Temperature = 1.0,
@@ -80,6 +77,8 @@ async def sample(
     prior: PriorQuery = None,
 ) -> Response:
     """Draw n images from the prior, of one digit or (conditional models) of random digits."""
+    state = service(request)
+    handle = state.handle(model)
     _check_count(n, state.settings.max_samples)
     seed = draw_seed() if seed is None else seed
     generated = await handle.sample(n, digit, temperature, seed, prior)
@@ -92,30 +91,7 @@ async def decode(
 ) -> Response:
     """Decode latent vectors into images."""
     _check_count(len(body.z), state.settings.max_samples)
-    latent_dim = handle.entry.latent_dim
-    for index, row in enumerate(body.z):
-        if len(row) != latent_dim:
-            raise InvalidInput(
-                f"z[{index}] has {len(row)} values; model {handle.name!r} has latent_dim "
-                f"{latent_dim}"
-            )
-    z = torch.tensor(body.z, dtype=torch.float32)
-    digits: list[int] | None = None
-    if handle.num_classes is None:
-        if body.digit is not None:
-            handle.check_digit(0)  # raises: this model takes no digit
-    else:
-        if body.digit is None:
-            raise BadRequest(f"model {handle.name!r} is conditional: give 'digit' (0..9)")
-        digits = body.digit if isinstance(body.digit, list) else [body.digit] * len(body.z)
-        if len(digits) != len(body.z):
-            raise InvalidInput(f"'digit' has {len(digits)} entries for {len(body.z)} rows of z")
-        for d in digits:
-            handle.check_digit(d)
-    labels = None
-    if digits is not None and handle.num_classes is not None:
-        labels = one_hot(torch.tensor(digits), handle.num_classes)
-    images = await handle.decode(z, labels)
+    images, digits = await handle.decode_rows(body.z, body.digit)
     meta = {"model": handle.name, "seed": 0, "digits": digits}
     return await image_response(request, images, nrow=nrow, meta=meta, headers={"X-Seed": "0"})
 
@@ -143,8 +119,7 @@ async def interpolate(
                 max_pixels=settings.max_image_pixels,
                 invert=end.invert,
             )
-        z = None if end.z is None else torch.tensor(end.z, dtype=torch.float32)
-        return Endpoint(z=z, image=image, digit=end.digit)
+        return Endpoint(z=end.z, image=image, digit=end.digit)
 
     start = await run_in_threadpool(endpoint, body.start)
     end = await run_in_threadpool(endpoint, body.end)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -43,7 +42,5 @@ async def readyz(state: StateDep) -> JSONResponse:
 @router.get("/metrics", response_class=Response)
 def metrics(state: StateDep) -> Response:
     """Prometheus text format."""
-    if torch.cuda.is_available() and state.registry is not None:
-        for device in {m.device for m in state.registry.models.values() if m.device.type == "cuda"}:
-            state.metrics.gpu_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
+    state.observe_gpu_memory()
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -11,8 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import NotReady
-from app.registry import Registry
-from app.state import ServiceState, StateDep
+from app.state import ServiceState, StateDep, service
 from app.v2_models import VERSION, V2Model, find_model, infer
 from app.v2_protocol import (
     BINARY_TYPE,
@@ -156,15 +155,15 @@ def model_route(method: str, path: str, **options: Any) -> Callable[[Endpoint], 
     return register
 
 
-def _registry(state: ServiceState) -> Registry:
+def _models(state: ServiceState) -> dict[str, V2Model]:
     if not state.ready or state.registry is None:
         raise NotReady("models are still loading; retry when GET /v2/health/ready answers 200")
-    return state.registry
+    return state.v2_models
 
 
 async def v2_model(request: Request, state: StateDep, model_name: ModelName) -> V2Model:
     """The v2 model a route names, at the version its path gives, if it gives one."""
-    return find_model(_registry(state), model_name, request.path_params.get("model_version"))
+    return find_model(_models(state), model_name, request.path_params.get("model_version"))
 
 
 V2ModelDep = Annotated[V2Model, Depends(v2_model)]
@@ -185,7 +184,7 @@ async def live() -> Liveness:
 @router.get("/health/ready", response_model=Readiness, responses=_errors(503))
 async def ready(state: StateDep) -> Readiness:
     """200 once every model is loaded and warmed up (as /readyz); 503 before."""
-    _registry(state)
+    _models(state)
     return Readiness(ready=True)
 
 
@@ -202,8 +201,11 @@ async def model_ready(model: V2ModelDep) -> Readiness:
 
 
 @model_route("POST", "/infer", responses=INFER_RESPONSES, openapi_extra=INFER_OPENAPI)
-async def model_infer(request: Request, state: StateDep, model: V2ModelDep) -> Response:
+async def model_infer(request: Request, model_name: ModelName) -> Response:
     """Run a v2 model on tensors in JSON or binary (the binary tensor data extension)."""
+    # The hot route takes its state and model without dependency solving (app.state.service).
+    state = service(request)
+    model = find_model(_models(state), model_name, request.path_params.get("model_version"))
     body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
     if len(body) > INLINE_BODY_BYTES:

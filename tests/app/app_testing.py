@@ -7,6 +7,7 @@ import base64
 import io
 import math
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -156,8 +157,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def clean_environment() -> dict[str, str]:
-    """This process's environment without VAE_* settings, which would change the server."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+    """This process's environment without VAE_* settings, which would change the server, but
+    with one worker process (the default is one per core): these tests stop the server with a
+    SIGKILL, which would leave a supervisor's workers behind. The workers have their own test
+    (test_server.py)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+    return {**env, "VAE_WORKERS": "1"}
 
 
 def free_port() -> int:
@@ -193,6 +198,7 @@ def start_app(
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop_app's SIGKILL takes workers too
         )
     app = LiveApp(f"http://127.0.0.1:{port}", port, process, log)
     deadline = time.monotonic() + ready_within_s
@@ -222,5 +228,5 @@ def stop_app(app: LiveApp, *, graceful: bool = False) -> None:
             return
         except subprocess.TimeoutExpired:
             pass
-    app.process.kill()
+    os.killpg(app.process.pid, signal.SIGKILL)
     app.process.wait(timeout=30)

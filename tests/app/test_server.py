@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
@@ -105,6 +106,71 @@ def assert_fails_cleanly(result: subprocess.CompletedProcess[str], *mentions: st
     assert "Traceback" not in result.stderr
     for mention in mentions:
         assert mention in errors[0]
+
+
+def test_workers_share_the_load_and_metrics_add_up_across_them(
+    trained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two worker processes (the default on 2 cores) behind one port: whichever answers
+    /metrics counts every worker's requests, and SIGTERM stops them all."""
+    metrics_dir = tmp_path / "metrics"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))  # to see whose files
+    app = start_app(
+        tmp_path / "server.log",
+        "--checkpoints",
+        str(trained_checkpoint),
+        ready_within_s=2 * READY_WITHIN_S,
+        settings={"workers": "2"},
+    )
+    requests = 48
+
+    def one(index: int) -> int:
+        # A connection per request: the kernel hands each to whichever worker accepts first.
+        with httpx2.Client(base_url=app.base, timeout=30) as http:
+            return http.post("/sample", params={"digit": index % 10, "seed": index}).status_code
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(one, range(requests))) == [200] * requests
+        workers = {int(p.name.rsplit("_", 1)[1][:-3]) for p in metrics_dir.glob("gauge_*.db")}
+        assert len(workers) == 2, sorted(metrics_dir.iterdir())
+        served = {int(p.name.rsplit("_", 1)[1][:-3]) for p in metrics_dir.glob("histogram_*.db")}
+        for _ in range(6):  # scrapes land on either worker
+            text = httpx2.get(f"{app.base}/metrics", timeout=30).text
+            counts = {
+                s.labels["route"]: s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "vae_request_duration_seconds_count" and s.labels["status"] == "200"
+            }
+            assert counts["/sample"] == requests, (counts, served)
+            assert metric_value(text, "vae_model_info") == 1.0
+            assert metric_value(text, "vae_requests_in_flight") == 1.0  # this scrape
+            assert metric_value(text, "process_resident_memory_bytes") > 0
+        app.process.send_signal(signal.SIGTERM)
+        assert app.process.wait(timeout=60) == 0, app.log.read_text()
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), pid
+    finally:
+        stop_app(app)
+
+
+def metric_value(text: str, name: str) -> float:
+    values = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    ]
+    assert len(values) == 1, (name, values)
+    return values[0]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_missing_checkpoint_folder_exits_2_with_one_error_line() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings, SettingsError
+from app.settings import Settings, SettingsError, usable_cores
 
 
 @pytest.fixture(autouse=True)
@@ -38,10 +38,18 @@ def test_defaults() -> None:
     assert settings.max_batch_wait_ms == 0.0
     assert settings.max_queue_images == 4096
     assert settings.request_timeout_s == 30.0
-    assert settings.workers == 1
+    assert settings.workers is None
+    assert settings.worker_count == usable_cores()
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
     assert settings.torch_threads is None
     assert settings.log_level == "info"
     assert settings.enable_test_hooks is False
+
+
+def test_workers_default_to_the_usable_cores() -> None:
+    assert Settings().worker_count == usable_cores()
+    assert Settings(workers="auto").workers is None
+    assert Settings(workers=3).worker_count == 3
 
 
 def test_environment_variables_are_read_with_the_vae_prefix(

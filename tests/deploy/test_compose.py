@@ -152,7 +152,7 @@ def test_api_gets_every_setting_with_a_default(services: dict[str, dict[str, Any
     # binds 127.0.0.1 by default, which nothing outside the container could reach.
     assert env["VAE_HOST"] == "0.0.0.0"
     assert env["VAE_PORT"] == "8000"
-    # One process, one metrics registry: Prometheus would see the counters of a random worker.
+    # One process on the GPU, batching every request for it (VAE_WORKERS=auto on CPU).
     assert env["VAE_WORKERS"] == "1"
     assert all(value for value in env.values()), env
 
@@ -163,9 +163,9 @@ def test_api_defaults_are_valid_settings_equal_to_the_services_own(
     env = environment(services["api"])
     values = {key.removeprefix("VAE_").lower(): value for key, value in env.items()}
     parsed = Settings.model_validate(values)  # the app's own validation: fails on a bad default
-    # Host and checkpoints differ from the app's on purpose: the container listens on all
-    # interfaces and keeps checkpoints in the volume.
-    for field in set(values) - {"host", "checkpoints"}:
+    # Host, checkpoints and workers differ from the app's on purpose: the container listens on
+    # all interfaces, keeps checkpoints in the volume, and runs one process for its GPU.
+    for field in set(values) - {"host", "checkpoints", "workers"}:
         default = Settings.model_fields[field].default
         assert getattr(parsed, field) == default, f"VAE_{field.upper()}: compose and app disagree"
 

@@ -178,8 +178,14 @@ def api(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         "--device=cpu",  # this test is about metrics; the same on every machine
     ]
     # A cap of 4 requests in progress (the traffic below sends one at a time) and the test
-    # fault hook, so that the last test can saturate the server with a few requests.
-    settings = {"VAE_MAX_CONCURRENCY": str(CONCURRENCY), "VAE_ENABLE_TEST_HOOKS": "true"}
+    # fault hook, so that the last test can saturate the server with a few requests. One worker:
+    # the cap is per worker, and several would share the saturating requests out (the workers'
+    # summed metrics have their own test, tests/app/test_server.py).
+    settings = {
+        "VAE_MAX_CONCURRENCY": str(CONCURRENCY),
+        "VAE_ENABLE_TEST_HOOKS": "true",
+        "VAE_WORKERS": "1",
+    }
     with running("api", argv, f"http://127.0.0.1:{port}", log, settings) as server:
 
         def ready() -> bool | None:
