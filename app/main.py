@@ -19,6 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from app.api_keys import KeyRing, load_keys
+from app.auth import ApiKeyMiddleware, RateLimiter
 from app.batching import MicroBatcher
 from app.errors import CLIENT_CLOSED_REQUEST, ServiceError, Unavailable, error_body
 from app.inference import run_op, warm_up
@@ -126,6 +128,18 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         reserve=OPERATIONS_RESERVE,
         metrics=state.metrics,
     )
+    keys = KeyRing(load_keys(settings.api_keys, settings.api_keys_file))
+    if keys:
+        limiter = None
+        if settings.rate_limit_per_s > 0:
+            limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst_requests)
+        app.add_middleware(
+            ApiKeyMiddleware,
+            keys=keys,
+            open_operations=not settings.auth_operations,
+            limiter=limiter,
+            metrics=state.metrics,
+        )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -21,6 +21,8 @@ _VALID = re.compile(rb"[!-~]{1,128}")
 NO_REQUEST = "-"
 
 current_request_id: ContextVar[str] = ContextVar("request_id", default=NO_REQUEST)
+# The id of the API key the request came with (app.auth), never the key.
+current_key_id: ContextVar[str] = ContextVar("key_id", default=NO_REQUEST)
 
 
 def request_id_of(header: bytes | None) -> str:
@@ -62,10 +64,12 @@ class RequestIdMiddleware:
 
 
 class RequestIdFilter(logging.Filter):
-    """Sets `record.request_id` (NO_REQUEST outside a request) for the formats below."""
+    """Sets `record.request_id` and `record.key_id` (NO_REQUEST outside a request, or without
+    a key) for the formats below."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = current_request_id.get()
+        record.key_id = current_key_id.get()
         return True
 
 
@@ -82,8 +86,8 @@ def log_config(level: str) -> dict[str, Any]:
         handler["filters"] = ["request_id"]
     config["formatters"]["default"]["fmt"] = LOG_FORMAT
     config["formatters"]["access"]["fmt"] = (
-        '%(asctime)s %(levelprefix)s [%(request_id)s] %(client_addr)s - "%(request_line)s" '
-        "%(status_code)s"
+        "%(asctime)s %(levelprefix)s [%(request_id)s] %(client_addr)s key=%(key_id)s - "
+        '"%(request_line)s" %(status_code)s'
     )
     # The app's loggers ("app", "training", "models") print through the same handler.
     config["root"] = {"handlers": ["default"], "level": level.upper()}
