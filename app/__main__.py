@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 from app.main import create_app
 from app.metrics import MULTIPROC_ENV
 from app.registry import Registry, resolve_device
+from app.request_context import log_config
 from app.settings import Settings, SettingsError
 from models import CheckpointError
 from models.checkpoint import recover_checkpoints
@@ -137,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"VAE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
             )
         )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging_config = log_config(settings.log_level)
+    logging.config.dictConfig(logging_config)
     try:
         if args.train_if_missing:
             _train_if_missing(settings, args.train_preset)
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
+        "log_config": logging_config,
         "timeout_graceful_shutdown": settings.shutdown_drain_s,
         # The server measured in bench/ and README: h11 on asyncio. uvicorn's "auto" would pick
         # httptools and uvloop whenever they are installed, as the `ray` extra installs them

@@ -14,6 +14,12 @@ def error_body(path: str, message: Any) -> dict[str, Any]:
     return {"detail": message}
 
 
+# nginx's status for a request whose client went away before it was answered: no response
+# reaches anyone, but the request is timed and counted under it, as the client's doing, not the
+# server's (a 5xx would fire the error-ratio alert for any client that hangs up).
+CLIENT_CLOSED_REQUEST = 499
+
+
 class ServiceError(Exception):
     """A request the service refuses, with the HTTP status and metric label it maps to.
 

@@ -17,9 +17,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from app.api_keys import KeyRing, load_keys
+from app.auth import ApiKeyMiddleware, RateLimiter
 from app.batching import MicroBatcher
-from app.errors import ServiceError, Unavailable, error_body
+from app.errors import CLIENT_CLOSED_REQUEST, ServiceError, Unavailable, error_body
 from app.inference import run_op, warm_up
 from app.metrics import Metrics
 from app.middleware import (
@@ -30,6 +33,7 @@ from app.middleware import (
     MetricsMiddleware,
 )
 from app.registry import LoadedModel, Registry
+from app.request_context import RequestIdMiddleware
 from app.routes import analyze, bench, generate, similar, system, ui, v2
 from app.settings import Settings
 from app.state import ServiceState
@@ -131,7 +135,20 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         reserve=OPERATIONS_RESERVE,
         metrics=state.metrics,
     )
+    keys = KeyRing(load_keys(settings.api_keys, settings.api_keys_file))
+    if keys:
+        limiter = None
+        if settings.rate_limit_per_s > 0:
+            limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst_requests)
+        app.add_middleware(
+            ApiKeyMiddleware,
+            keys=keys,
+            open_operations=not settings.auth_operations,
+            limiter=limiter,
+            metrics=state.metrics,
+        )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
@@ -159,8 +176,15 @@ def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
         body = error_body(request.url.path, _finite(jsonable_encoder(errors)))
         return JSONResponse(body, status_code=422)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        return _client_gone(request)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
+        if isinstance(exc.__cause__, ClientDisconnect):
+            # FastAPI's own body parsing (JSON routes) wraps the disconnect in a 400.
+            return _client_gone(request)
         if exc.status_code >= 400 and exc.status_code != 404:
             reason = {408: "body_timeout", 413: "too_large"}.get(exc.status_code, "invalid")
             rejected.labels(reason).inc()
@@ -174,6 +198,16 @@ def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
         logger.error("unhandled error on %s: %r", request.url.path, exc, exc_info=exc)
         message = "internal error; the request was not processed (see the server log)"
         return JSONResponse(error_body(request.url.path, message), status_code=500)
+
+
+def _client_gone(request: Request) -> Response:
+    """The client hung up before its request was read: one log line, and a 499 that reaches no
+    one but times and counts the request as the client's doing (never a 5xx, never a
+    traceback: any client could otherwise fire the error-ratio alert and flood the log)."""
+    logger.info(
+        "client disconnected before its request was read: %s %s", request.method, request.url.path
+    )
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 def _clipped(value: Any, depth: int = 0) -> Any:

@@ -88,6 +88,12 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.key_requests = Counter(
+            "vae_key_requests_total",
+            "Requests that came with a valid API key, by the key's id (VAE_API_KEYS).",
+            ["key"],
+            registry=self.registry,
+        )
         self.anomaly_score = Histogram(
             "vae_anomaly_score",
             "Anomaly scores of scored inputs, by model (watch for drift).",

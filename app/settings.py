@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.api_keys import load_keys
 from models.checkpoint import recover_checkpoints
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N (N = GPU index)"
@@ -99,6 +100,33 @@ class Settings(BaseSettings):
         "per core). Measured: one thread per worker made /sample slower (bench/results).",
     )
     log_level: str = Field(default="info", description=f"One of {', '.join(LOG_LEVELS)}.")
+    api_keys: str = Field(
+        default="",
+        description="API keys, comma-separated ID:ROLE:KEY (ROLE user or admin); with any key "
+        "set (here or in VAE_API_KEYS_FILE) model routes need one. Kept only as SHA-256 digests.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="A file of `ID ROLE sha256:HEX` lines (`python -m app.api_keys ID` makes a key "
+        "and its line): keys stored hashed.",
+    )
+    auth_operations: bool = Field(
+        default=False,
+        description="With keys set, /healthz, /readyz, /metrics and the v2 health routes need a "
+        "key too (off: probes and scrapes stay open).",
+    )
+    rate_limit_per_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Requests per second each API key may make, per worker process "
+        "(0: unlimited); past it, 429 with Retry-After.",
+    )
+    rate_limit_burst: int | None = Field(
+        default=None,
+        gt=0,
+        description="Requests a key may make at once before the rate applies (default: one "
+        "second's worth, at least 1).",
+    )
     enable_test_hooks: bool = Field(
         default=False,
         description="Honour the X-Test-Fault request header (raise, oom or slow=<seconds>: "
@@ -127,6 +155,23 @@ class Settings(BaseSettings):
                 "queued; raise it or lower those"
             )
         return self
+
+    @model_validator(mode="after")
+    def _keys_are_usable(self) -> "Settings":
+        keys = load_keys(self.api_keys, self.api_keys_file)  # KeyConfigError is a ValueError
+        if (self.rate_limit_per_s or self.auth_operations) and not keys:
+            raise ValueError(
+                "VAE_RATE_LIMIT_PER_S and VAE_AUTH_OPERATIONS apply to API keys, but none is "
+                "set; set VAE_API_KEYS or VAE_API_KEYS_FILE"
+            )
+        return self
+
+    @property
+    def rate_limit_burst_requests(self) -> int:
+        """The bucket's size: the setting, or one second's worth of requests (at least 1)."""
+        if self.rate_limit_burst is not None:
+            return self.rate_limit_burst
+        return max(1, int(self.rate_limit_per_s))
 
     @field_validator("checkpoints")
     @classmethod

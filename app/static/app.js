@@ -12,6 +12,8 @@ const CHART_POINTS = 60;
 // Routes of the page itself and of monitoring, left out of the "all API routes" line.
 const NOT_API = new Set(["/", "/static", "/metrics", "/healthz", "/readyz", "unmatched"]);
 
+const KEY_STORAGE = "vae-api-key"; // sessionStorage: this tab only, gone when it closes
+
 let models = [];
 const BLANK_IMAGE = $("recon-image").src; // the page's black placeholder
 
@@ -36,11 +38,20 @@ async function api(path, { params = {}, withModel = true, ...options } = {}) {
   for (const [key, value] of Object.entries(params)) {
     if (value !== null && value !== undefined && value !== "") url.searchParams.set(key, value);
   }
+  const headers = new Headers(options.headers || {});
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (key) headers.set("Authorization", `Bearer ${key}`);
   let response;
   try {
-    response = await fetch(url, options);
+    response = await fetch(url, { ...options, headers });
   } catch (err) {
     throw new ApiError(`${path}: the server could not be reached (${err.message})`);
+  }
+  if (response.status === 401) {
+    // The server has API keys on: ask for one (a stored key that stopped working included).
+    $("key-form").hidden = false;
+    $("api-key").focus();
+    throw new ApiError(`${path}: this server needs an API key; enter yours above`);
   }
   if (!response.ok) {
     let detail = response.statusText || "error";
@@ -586,11 +597,20 @@ function wire() {
     if (file) analyse(file, $("upload-invert").checked);
   });
 
-  // A grid as soon as the page opens: the models first, then one sample of the default.
-  guarded(null, $("global-error"), async () => {
-    await loadModels();
-    await guarded(null, $("sample-error"), sample);
+  // A grid as soon as the page opens (or a key is entered): the models, then one sample.
+  const start = () =>
+    guarded(null, $("global-error"), async () => {
+      await loadModels();
+      await guarded(null, $("sample-error"), sample);
+    });
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+    $("api-key").value = "";
+    $("key-form").hidden = true;
+    start();
   });
+  start();
   pollMetrics();
   setInterval(pollMetrics, METRICS_POLL_MS);
 }

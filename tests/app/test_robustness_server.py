@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import re
 import signal
 import socket
 import threading
@@ -64,10 +65,12 @@ def start_server(checkpoint: Path, log: Path, **settings: str) -> Server:
 
 @pytest.fixture(scope="module")
 def server(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Test hooks on, a queue of 8 images, a 3 s deadline, a 1 s body timeout, 48 connections."""
+    """Test hooks on, a queue of 8 images, a 3 s deadline, a 1 s body timeout, 48 connections;
+    logging at info, so the log holds the access lines and the disconnects."""
     started = start_server(
         trained_checkpoint,
         tmp_path_factory.mktemp("robust") / "server.log",
+        log_level="info",
         enable_test_hooks="true",
         max_samples="4",
         max_files="4",
@@ -196,6 +199,65 @@ def test_a_stalled_upload_is_answered_408_and_closed(server: Server) -> None:
     assert b"connection: close" in answer.lower()
     assert 1.2 + 0.9 < elapsed < 6  # three chunks, then one timeout
     assert server.metric("vae_requests_rejected_total", {"reason": "body_timeout"}) >= 1
+
+
+def hang_up_mid_upload(port: int, path: str, request_id: str) -> None:
+    """A real client that sends the headers and part of a multipart body, then closes."""
+    boundary = "gone"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Request-ID: {request_id}\r\n".encode()
+            + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
+            + b"Content-Length: 100000\r\n\r\n"
+            + f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '.encode()
+            + b'filename="a.png"\r\nContent-Type: image/png\r\n\r\n\x89PNG'
+        )
+        time.sleep(0.05)  # the server has started reading the body
+
+
+def test_clients_that_hang_up_mid_upload_count_as_499_with_one_log_line_each(
+    server: Server,
+) -> None:
+    route = {"route": "/anomaly-score", "method": "POST"}
+    count = "vae_request_duration_seconds_count"
+    before = {code: server.metric(count, {**route, "status": code}) for code in ("499", "500")}
+    log_before = server.log.read_text()
+    for index in range(20):
+        hang_up_mid_upload(server.port, "/anomaly-score", f"gone-{index:02d}")
+    deadline = time.monotonic() + 10
+    while server.metric(count, {**route, "status": "499"}) < before["499"] + 20:
+        assert time.monotonic() < deadline, "the disconnects were not counted as 499"
+        time.sleep(0.1)
+    assert server.metric(count, {**route, "status": "500"}) == before["500"]
+    new_lines = server.log.read_text()[len(log_before) :].splitlines()
+    assert not [line for line in new_lines if "Traceback" in line or "ASGI" in line], new_lines
+    for index in range(20):
+        # One line per disconnect, carrying the request's id, and nothing else of it.
+        (line,) = [line for line in new_lines if f"[gone-{index:02d}]" in line]
+        assert "client disconnected before its request was read: POST /anomaly-score" in line
+
+
+def test_request_ids_are_returned_and_on_the_access_log_line(server: Server) -> None:
+    given = httpx2.get(f"{server.base}/healthz", headers={"X-Request-ID": "probe-7f3a"})
+    assert given.headers["x-request-id"] == "probe-7f3a"
+    made = httpx2.post(f"{server.base}/sample?n=99", timeout=10)  # over VAE_MAX_SAMPLES: a 4xx
+    assert made.status_code == 422
+    assert re.fullmatch("[0-9a-f]{32}", made.headers["x-request-id"])
+    # Not printable ASCII, or too long: replaced, never written into the log as sent.
+    for hostile in ("a b", "x" * 129):
+        answer = httpx2.get(f"{server.base}/healthz", headers={"X-Request-ID": hostile})
+        assert re.fullmatch("[0-9a-f]{32}", answer.headers["x-request-id"])
+    deadline = time.monotonic() + 5
+    while True:
+        lines = server.log.read_text().splitlines()
+        probe = [line for line in lines if "[probe-7f3a]" in line]
+        refused = [line for line in lines if f"[{made.headers['x-request-id']}]" in line]
+        if probe and refused:
+            break
+        assert time.monotonic() < deadline, "the request ids are not in the log"
+        time.sleep(0.1)
+    assert "GET /healthz" in probe[0] and " 200" in probe[0]
+    assert "POST /sample?n=99" in refused[0] and " 422" in refused[0]
 
 
 def test_a_stalled_json_body_is_answered_408(server: Server) -> None:

@@ -321,3 +321,32 @@ def assert_latency_table_is_histogram_quantile(browser: webdriver.Chrome) -> Non
                 assert shown is None, (case, q)
             else:
                 assert shown == pytest.approx(expected_q, rel=1e-9), (case, q, shown)
+
+
+@pytest.mark.slow
+def test_the_page_asks_for_a_key_when_the_server_needs_one(
+    trained_checkpoint: Path, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    key = "page-key-0123456789abcdef"
+    app = start_app(
+        tmp_path / "server.log",
+        *("--checkpoints", str(trained_checkpoint), "--device", "cpu"),
+        ready_within_s=READY_WITHIN_S,
+        settings={"api_keys": f"page:user:{key}"},
+    )
+    try:
+        browser.get(f"{app.base}/")
+        wait_for(browser, "return !document.getElementById('key-form').hidden")
+        assert "needs an API key" in text_of(browser, "global-error")
+        browser.find_element(By.ID, "api-key").send_keys(key, Keys.ENTER)
+        # With the key the page starts as it does on an open server: models, then a grid.
+        wait_for(browser, "return document.getElementById('model').options.length > 0")
+        grid_loaded = (
+            "const img = document.getElementById('sample-image');"
+            "return img.complete && img.naturalWidth > 0 && [img.naturalWidth, img.naturalHeight];"
+        )
+        assert tuple(wait_for(browser, grid_loaded)) == GRID_PX
+        assert browser.find_element(By.ID, "key-form").get_attribute("hidden") is not None
+        assert browser.find_element(By.ID, "global-error").get_attribute("hidden") is not None
+    finally:
+        stop_app(app, graceful=True)

@@ -29,6 +29,12 @@ NOT_PASSED = {
     "enable_test_hooks",
     # The benchmark's constant-response floor endpoint; only the benchmark turns it on.
     "enable_bench_routes",
+    # API keys are secrets, given by an override or env_file (an empty value is no key), a keys
+    # file is mounted by whoever uses one, and the burst's default (one second's worth of the
+    # rate) cannot be written as a value.
+    "api_keys",
+    "api_keys_file",
+    "rate_limit_burst",
 }
 VAE_SETTINGS = tuple(
     f"VAE_{name.upper()}" for name in Settings.model_fields if name not in NOT_PASSED
