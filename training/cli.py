@@ -183,15 +183,17 @@ def summary(result: RunResult) -> str:
         )
     quality = metrics.get("sample_quality")
     if quality is not None:
-        served = quality["served"]
-        lines.append(
-            f"  samples ({served['prior']} prior, {served['samples_per_class']} per digit) "
-            f"judged by an independent classifier: on-digit {served['accuracy']:.1%}, FD "
-            f"{served['frechet_distance']:.1f} ({served['fd_ratio']:.2f}x the real-digit floor "
-            f"{served['frechet_distance_floor']:.1f}), diversity {served['diversity_ratio']:.2f}x"
-            f" real, CAS {quality['cas']['accuracy']:.1%} (real digits "
-            f"{quality['cas']['real_training_digits_accuracy']:.1%})"
-        )
+        views = {"reference": quality, **quality.get("judges", {})}
+        for name, view in views.items():
+            served = view["served"]
+            lines.append(
+                f"  samples ({served['prior']} prior, {served['samples_per_class']} per digit) "
+                f"judged by the {name} judge: on-digit {served['accuracy']:.1%}, FD "
+                f"{served['frechet_distance']:.1f} ({served['fd_ratio']:.2f}x the real-digit "
+                f"floor {served['frechet_distance_floor']:.1f}), diversity "
+                f"{served['diversity_ratio']:.2f}x real, CAS {view['cas']['accuracy']:.1%} "
+                f"(real digits {view['cas']['real_training_digits_accuracy']:.1%})"
+            )
     comparison = metrics.get("adversarial_comparison")
     if comparison is not None:
         lines.append(
