@@ -21,7 +21,7 @@ from training.cliutil import OneLineErrorParser, report_error
 from training.config import ConfigError, resolve_device
 from training.data import DATASETS, Batches, DataError, MNISTData, Split, load_dataset, to_float
 from training.ood_sets import Part, ood_sets
-from training.sample_quality import sample_quality
+from training.sample_quality import judge_views, sample_quality
 
 # Percentiles 0, 1, ..., 100 of normal validation scores: the service reports where a score falls.
 _PERCENTILES = 101
@@ -364,7 +364,7 @@ def _judge_cache(folder: Path) -> Path:
 
 def format_quality_table(report: dict[str, Any]) -> str:
     """The sample-quality numbers of every judge next to their targets."""
-    views = {"reference": report, **report.get("judges", {})}
+    views = judge_views(report)
     lines = []
     for name, view in views.items():
         served = view["served"]
@@ -380,8 +380,8 @@ def format_quality_table(report: dict[str, Any]) -> str:
                 f"  {target_name:<16} {row['value']:.3f} (target {sign} {row['target']}) {verdict}"
             )
         lines.append(
-            f"  FD {served['frechet_distance']:.1f} against the real-digit floor "
-            f"{served['frechet_distance_floor']:.1f}; CAS of real training digits "
+            f"  FD {served['frechet_distance']:.3g} against the real-digit floor "
+            f"{served['frechet_distance_floor']:.3g}; CAS of real training digits "
             f"{view['cas']['real_training_digits_accuracy']:.1%}"
         )
         if "standard" in view:

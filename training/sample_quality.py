@@ -573,6 +573,11 @@ def sample_quality(
     return report
 
 
+def judge_views(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each judge's view in a sample_quality report, by judge name, the first judge first."""
+    return {JUDGES[0].name: report, **report.get("judges", {})}
+
+
 @torch.no_grad()
 def compare_sample_quality(
     adversarial: VAE,
