@@ -194,15 +194,17 @@ def test_the_report_holds_every_number_next_to_its_target(
             )
             assert row["diversity_ratio"] == pytest.approx(row["diversity"] / row["diversity_real"])
             assert 0 < row["frechet_distance_floor"] < math.inf
-        # Two epochs on 600 generated digits: far from the full recipe, far above chance (10%).
-        assert 0.3 < view["cas"]["accuracy"] <= 1.0
+        assert 0.0 <= view["cas"]["accuracy"] <= 1.0
         assert view["cas"]["real_training_digits_accuracy"] == view["judge"]["test_accuracy"]
-        assert view["judge"]["test_accuracy"] > 0.8 and view["judge"]["epochs"] == 2
+        assert view["judge"]["epochs"] == 2
         assert set(view["targets"]) == set(TARGETS)
         fd = view["targets"]["fd_ratio"]
         assert fd["met"] == (fd["value"] <= TARGETS["fd_ratio"])
         accuracy = view["targets"]["accuracy"]
         assert accuracy["met"] == (accuracy["value"] >= TARGETS["accuracy"])
+    # Two epochs of the reference recipe on 600 generated digits: far from the full recipe, far
+    # above chance (10%). (Ten SGD steps are too few for the residual recipe to say anything.)
+    assert report["cas"]["accuracy"] > 0.3 and report["judge"]["test_accuracy"] > 0.8
     # The two judges see the samples through different features: their FDs differ.
     assert report["served"]["frechet_distance"] != views[1]["served"]["frechet_distance"]
     verdicts = [row["met"] for view in views for row in view["targets"].values()]
