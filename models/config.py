@@ -21,6 +21,20 @@ ANOMALY_STATISTIC_NAMES: tuple[str, ...] = (
     "negative_elbo",  # -ELBO at the posterior mean, in nats
     "reconstruction_ink",  # mean pixel of the reconstruction: how much digit the model sees
     "ink",  # mean pixel of the input
+    # Through the digit head q(y | x) (models with one): they see shape, not pixel counts.
+    "head_doubt",  # log(1 - q(y | x)) at the predicted digit y: how unsure the head is
+    "head_feature_error",  # log squared distance between the head's features of x and of
+    # its reconstruction: a perceptual reconstruction error (strokes, orientation)
+    "reconstruction_head_doubt",  # log(1 - q(y | reconstruction)): whether what the model
+    # redraws reads as the digit it was asked for
+    "log_peak_local_error",  # log of the largest 5 x 5 mean squared error: one missing or
+    # extra stroke, however small the rest of the error
+)
+# The statistics that need a digit head.
+HEAD_STATISTICS: tuple[str, ...] = (
+    "head_doubt",
+    "head_feature_error",
+    "reconstruction_head_doubt",
 )
 
 
@@ -73,6 +87,9 @@ class VAEConfig:
                 f"anomaly_statistics must be a non-empty subset of {ANOMALY_STATISTIC_NAMES}, "
                 f"got {list(self.anomaly_statistics)}"
             )
+        needs_head = sorted(set(self.anomaly_statistics) & set(HEAD_STATISTICS))
+        if needs_head and not self.digit_head:
+            raise ValueError(f"anomaly_statistics {needs_head} need a digit head (digit_head)")
         if not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):
             raise ValueError(f"hidden_dims must be positive widths, got {self.hidden_dims}")
         if self.architecture == "conv" and len(self.hidden_dims) != 2:

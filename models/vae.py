@@ -381,12 +381,39 @@ class VAE(nn.Module):
     def anomaly_statistics(self, x: Tensor) -> AnomalyResult:
         """The statistics behind the anomaly score (config.anomaly_statistics), at the predicted
         digit for conditional models; `score` is left at zero (see anomaly_score)."""
-        prediction = self.predict_digit(x) if self.config.conditional else None
+        head = self.digit_head
+        # Only the head statistics read these; VAEConfig refuses them for a model without a head.
+        features = logits = x.new_empty(0)
+        if head is not None:
+            features = head.features(x)  # (B, 64), kept for head_feature_error
+            logits = head.logits(features).float()  # (B, C)
+            probabilities = torch.softmax(logits, dim=1)
+            prediction: DigitPrediction | None = DigitPrediction(
+                digit=probabilities.argmax(1), probabilities=probabilities
+            )
+        else:
+            prediction = self.predict_digit(x) if self.config.conditional else None
         y = None if prediction is None else prediction.digit
         posterior, raw, elbo = self._mode_terms(x, y)
         reconstruction = torch.sigmoid(raw)
         error = x - reconstruction
         error_map = error**2
+        redrawn: list[tuple[Tensor, Tensor]] = []  # the head on the reconstruction, once
+
+        def head_of_reconstruction() -> tuple[Tensor, Tensor]:
+            assert head is not None
+            if not redrawn:
+                features = head.features(reconstruction)
+                redrawn.append((features, head.logits(features).float()))
+            return redrawn[0]
+
+        def log_doubt(logits: Tensor) -> Tensor:
+            """log(1 - q(y | .)) at the predicted digit y, from logits (B, C) without rounding
+            to log(0) for a sure head: the log-mass of every other digit."""
+            assert y is not None
+            others = logits.scatter(1, y[:, None], float("-inf"))
+            return torch.logsumexp(others, 1) - torch.logsumexp(logits, 1)
+
         computed: dict[str, Callable[[], Tensor]] = {
             "log_squared_error": lambda: torch.log(error_map.flatten(1).sum(1) + _STAT_EPS),
             "log_local_error": lambda: torch.log(
@@ -397,6 +424,14 @@ class VAE(nn.Module):
             "negative_elbo": lambda: -elbo,
             "reconstruction_ink": lambda: reconstruction.flatten(1).mean(1),
             "ink": lambda: x.flatten(1).mean(1),
+            "log_peak_local_error": lambda: torch.log(
+                F.avg_pool2d(error_map, 5, stride=1, padding=2).flatten(1).amax(1) + _STAT_EPS
+            ),
+            "head_doubt": lambda: log_doubt(logits),
+            "head_feature_error": lambda: torch.log(
+                (features - head_of_reconstruction()[0]).pow(2).sum(1) + _STAT_EPS
+            ),
+            "reconstruction_head_doubt": lambda: log_doubt(head_of_reconstruction()[1]),
         }
         statistics = torch.stack(
             [computed[name]() for name in self.config.anomaly_statistics], dim=1

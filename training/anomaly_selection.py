@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from models import VAE, load_checkpoint
-from models.config import ANOMALY_STATISTIC_NAMES
+from models.config import ANOMALY_STATISTIC_NAMES, HEAD_STATISTICS
 from training.data import load_dataset, to_float
 from training.evaluate import auroc
 from training.ood_sets import ood_sets
@@ -58,20 +58,21 @@ def _mahalanobis(train: tuple[Tensor, Tensor], columns: list[int], groups: int) 
     return score
 
 
-def select(checkpoint: str, steps: int = 6) -> list[dict[str, Any]]:
-    """The greedy path: after each step, the statistics chosen and their dev AUROCs."""
-    loaded = load_checkpoint(checkpoint)
-    model = loaded.model
-    model.config = replace(model.config, anomaly_statistics=ANOMALY_STATISTIC_NAMES)
-    data = load_dataset(loaded.metadata.get("dataset", {}).get("name", "mnist-5k"))
-    groups = model.config.num_classes or 1
-    train = _statistics(model, data.train.images)
-    normal = _statistics(model, data.val.images)
-    sets = {
-        s.name: (s.kind, _statistics(model, s.images))
-        for s in ood_sets(data.val.images, data.val.labels, "dev")
-    }
-    names = list(ANOMALY_STATISTIC_NAMES)
+Stats = tuple[Tensor, Tensor]  # statistics (N, S) and predicted digits (N,)
+
+
+def greedy_path(
+    train: Stats,
+    normal: Stats,
+    sets: Mapping[str, tuple[str, Stats]],
+    names: Sequence[str],
+    groups: int,
+    steps: int = 6,
+) -> list[dict[str, Any]]:
+    """Add statistics (columns of `names`) one at a time, each time the one whose Mahalanobis
+    score (fitted on `train`) most improves the worst near AUROC plus the mean near AUROC of
+    `sets` (name -> (kind, statistics)) against `normal`, far sets counted up to 0.99; stop when
+    nothing improves it. After each step: the statistics chosen and their AUROCs."""
 
     def evaluate(columns: list[int]) -> dict[str, float]:
         score = _mahalanobis(train, columns, groups)
@@ -80,7 +81,7 @@ def select(checkpoint: str, steps: int = 6) -> list[dict[str, Any]]:
 
     def objective(aurocs: dict[str, float]) -> float:
         near = [aurocs[n] for n, (kind, _) in sets.items() if kind == "near"]
-        far = [aurocs[n] for n, (kind, _) in sets.items() if kind == "far"]
+        far = [aurocs[n] for n, (kind, _) in sets.items() if kind == "far"] or [1.0]
         return min(near) + sum(near) / len(near) + 0.5 * min(min(far), 0.99)
 
     chosen: list[int] = []
@@ -92,6 +93,8 @@ def select(checkpoint: str, steps: int = 6) -> list[dict[str, Any]]:
             for column in range(len(names))
             if column not in chosen
         }
+        if not trials:
+            break
         column, aurocs = max(trials.items(), key=lambda item: objective(item[1]))
         if objective(aurocs) <= best + 1e-4:
             break
@@ -105,6 +108,36 @@ def select(checkpoint: str, steps: int = 6) -> list[dict[str, Any]]:
             }
         )
     return path
+
+
+def candidate_statistics(model: VAE) -> tuple[str, ...]:
+    """Every statistic the model can compute: those through the digit head need one."""
+    return tuple(
+        name
+        for name in ANOMALY_STATISTIC_NAMES
+        if model.digit_head is not None or name not in HEAD_STATISTICS
+    )
+
+
+def select(checkpoint: str, steps: int = 6) -> list[dict[str, Any]]:
+    """The greedy path on the dev anomaly sets of a checkpoint (greedy_path)."""
+    loaded = load_checkpoint(checkpoint)
+    model = loaded.model
+    names = candidate_statistics(model)
+    model.config = replace(model.config, anomaly_statistics=names)
+    data = load_dataset(loaded.metadata.get("dataset", {}).get("name", "mnist-5k"))
+    sets = {
+        s.name: (s.kind, _statistics(model, s.images))
+        for s in ood_sets(data.val.images, data.val.labels, "dev")
+    }
+    return greedy_path(
+        _statistics(model, data.train.images),
+        _statistics(model, data.val.images),
+        sets,
+        names,
+        model.config.num_classes or 1,
+        steps,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

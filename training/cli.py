@@ -25,6 +25,7 @@ from training.distributed import (
 )
 from training.presets import PRESETS
 from training.run import RunResult, check_for_torchrun, train, train_distributed
+from training.sample_quality import judge_views
 from training.trainer import TrainingError
 
 # Exit code of a run that started but could not finish (e.g. the loss diverged).
@@ -183,15 +184,17 @@ def summary(result: RunResult) -> str:
         )
     quality = metrics.get("sample_quality")
     if quality is not None:
-        served = quality["served"]
-        lines.append(
-            f"  samples ({served['prior']} prior, {served['samples_per_class']} per digit) "
-            f"judged by an independent classifier: on-digit {served['accuracy']:.1%}, FD "
-            f"{served['frechet_distance']:.1f} ({served['fd_ratio']:.2f}x the real-digit floor "
-            f"{served['frechet_distance_floor']:.1f}), diversity {served['diversity_ratio']:.2f}x"
-            f" real, CAS {quality['cas']['accuracy']:.1%} (real digits "
-            f"{quality['cas']['real_training_digits_accuracy']:.1%})"
-        )
+        views = judge_views(quality)
+        for name, view in views.items():
+            served = view["served"]
+            lines.append(
+                f"  samples ({served['prior']} prior, {served['samples_per_class']} per digit) "
+                f"judged by the {name} judge: on-digit {served['accuracy']:.1%}, FD "
+                f"{served['frechet_distance']:.3g} ({served['fd_ratio']:.2f}x the real-digit "
+                f"floor {served['frechet_distance_floor']:.3g}), diversity "
+                f"{served['diversity_ratio']:.2f}x real, CAS {view['cas']['accuracy']:.1%} "
+                f"(real digits {view['cas']['real_training_digits_accuracy']:.1%})"
+            )
     comparison = metrics.get("adversarial_comparison")
     if comparison is not None:
         lines.append(

@@ -158,12 +158,14 @@ class TrainConfig:
     quality_samples_per_class: int = 100
 
     # ---- evaluation ----
-    # Judge the samples at the end (training/sample_quality.py): an independent classifier and
-    # the CAS classifier are trained, ~1 min on 2 CPU cores. Conditional models only.
+    # Judge the samples at the end (training/sample_quality.py): two independent classifiers of
+    # different kinds and a CAS classifier of each are trained, ~2 min on 2 quiet CPU cores.
+    # Conditional models only.
     sample_quality: bool = True
-    # Epochs of the judge's recipe (and of the CAS classifier's); 10 is the recipe the README's
-    # numbers use, fewer only to keep tests short.
-    judge_epochs: int = 10
+    # Epochs of the judges' recipes (and of their CAS classifiers'); None = each recipe's own
+    # (10 for the first judge, 8 for the residual one: the README's numbers), fewer only to keep
+    # tests short.
+    judge_epochs: int | None = None
     # Importance samples of the test log-likelihood. 20 keeps the default run's evaluation to
     # ~10 s on 2 CPU cores (the digit-marginal bound decodes 10 x k times per image); the bound
     # tightens by ~1 nat at k=100: `python -m training.evaluate DIR --iwae-k 100`.
@@ -217,7 +219,11 @@ class TrainConfig:
             (_DEVICE_PATTERN.fullmatch(self.device) is not None, "device", _DEVICE_HINT),
             (_is_int(self.seed) and self.seed >= 0, "seed", "a whole number, 0 or more"),
             (_is_int(self.iwae_k) and self.iwae_k > 0, "iwae_k", "a positive count, e.g. 100"),
-            (_is_int(self.judge_epochs) and self.judge_epochs > 0, "judge_epochs", "e.g. 10"),
+            (
+                self.judge_epochs is None or (_is_int(self.judge_epochs) and self.judge_epochs > 0),
+                "judge_epochs",
+                "e.g. 10, or none for each judge's own",
+            ),
             (
                 _is_int(self.eval_batch_size) and self.eval_batch_size > 0,
                 "eval_batch_size",

@@ -307,7 +307,7 @@ def finish(
             model, data, anomaly["threshold"], batch_size=config.eval_batch_size
         )
     if config.sample_quality and model.config.conditional:
-        with stages("judging samples with an independent classifier (and CAS)"):
+        with stages("judging samples with two independent classifiers (and CAS)"):
             metrics["sample_quality"] = sample_quality(
                 model,
                 prior,

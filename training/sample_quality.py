@@ -33,6 +33,8 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +63,11 @@ SAMPLES_PER_CLASS = 300
 # Generated digits the CAS classifier is trained on (as many of each digit).
 CAS_SAMPLES = 4000
 # What the README holds the default model to.
-TARGETS = {"accuracy": 0.98, "fd_ratio": 1.5, "diversity_ratio": 0.9, "cas": 0.95}
+TARGETS = {"accuracy": 0.99, "fd_ratio": 1.3, "diversity_ratio": 0.9, "cas": 0.96}
 _BATCH = 500  # images per forward pass when sampling and classifying
+# The second judge's recipe: SGD with Nesterov momentum, weight decay and label smoothing,
+# random affine augmentation; ~98% on mnist-5k's test digits in 8 epochs.
+RESIDUAL_EPOCHS = 8
 
 
 class ReferenceNet(nn.Module):
@@ -89,7 +94,144 @@ class ReferenceNet(nn.Module):
         return CriticOutput(logits=self.head(self.dropout(features)), features=features)
 
 
-Judge = ReferenceNet | Classifier
+class ResidualBlock(nn.Module):
+    """Two 3 x 3 convolutions with batch norm and a skip connection (a 1 x 1 projection where
+    the shape changes): (B, c_in, H, W) -> (B, c_out, H / stride, W / stride)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.skip = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.body(x) + self.skip(x))
+
+
+class ResidualJudgeNet(nn.Module):
+    """The second judge's network, a small ResNet (He et al. 2016): x (B, 1, 28, 28) -> digit
+    logits and 64 globally average-pooled features. Batch norm, skip connections and pooled
+    features where the first judge has plain convolutions, dropout and a dense layer."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1, bias=False),  # (B, 16, 28, 28)
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            ResidualBlock(16, 32, 2),  # (B, 32, 14, 14)
+            ResidualBlock(32, 64, 2),  # (B, 64, 7, 7)
+            ResidualBlock(64, 64, 1),  # (B, 64, 7, 7)
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),  # (B, 64)
+        )
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: Tensor) -> CriticOutput:
+        features = self.features(x)  # (B, 64)
+        return CriticOutput(logits=self.head(features), features=features)
+
+
+def random_affine(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image of x (B, 1, H, W) turned by up to 12 degrees, scaled by 0.9-1.1, sheared by
+    up to 0.15 and moved by up to 2 pixels, bilinearly: the second judge's augmentation."""
+    n = len(x)
+
+    def uniform(low: float, high: float) -> Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    angle = uniform(-12, 12) * math.pi / 180
+    scale, shear = uniform(0.9, 1.1), uniform(-0.15, 0.15)
+    shift = uniform(-2, 2), uniform(-2, 2)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.cos(angle) / scale
+    theta[:, 0, 1] = -torch.sin(angle) / scale + shear
+    theta[:, 1, 0] = torch.sin(angle) / scale
+    theta[:, 1, 1] = torch.cos(angle) / scale
+    theta[:, 0, 2] = shift[0] * 2.0 / x.shape[-1]
+    theta[:, 1, 2] = shift[1] * 2.0 / x.shape[-2]
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+Judge = ReferenceNet | ResidualJudgeNet | Classifier
+
+
+@dataclass(frozen=True)
+class JudgeRecipe:
+    """How one judge is built and trained (its CAS classifier is trained the same way)."""
+
+    name: str
+    network: str  # what the record says about the network
+    cache_file: str
+    epochs: int
+    batch_size: int
+    lr: float
+    augmentation: str
+    build: Callable[[], ReferenceNet | ResidualJudgeNet]
+    optimizer: Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+    augment: Callable[[Tensor, torch.Generator], Tensor]
+    label_smoothing: float = 0.0
+
+    def record(self, epochs: int) -> dict[str, Any]:
+        """The recipe as the cache and metrics.json hold it."""
+        return {
+            "network": self.network,
+            "epochs": epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "augmentation": self.augmentation,
+            "label_smoothing": self.label_smoothing,
+        }
+
+
+def _adam(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(parameters, lr=lr)
+
+
+def _nesterov(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+REFERENCE = JudgeRecipe(
+    name="reference",
+    network="ReferenceNet: conv3x3 32, conv3x3 64, maxpool, fc 128 (dropout 0.25/0.5)",
+    cache_file=REFERENCE_FILE,
+    epochs=REFERENCE_EPOCHS,
+    batch_size=REFERENCE_BATCH_SIZE,
+    lr=REFERENCE_LR,
+    augmentation=f"random shifts of up to {REFERENCE_MAX_SHIFT} pixels",
+    build=ReferenceNet,
+    optimizer=_adam,
+    augment=lambda x, generator: random_shift(x, REFERENCE_MAX_SHIFT, generator),
+)
+RESIDUAL = JudgeRecipe(
+    name="residual",
+    network="ResidualJudgeNet: conv3x3 16, residual blocks 32/2, 64/2, 64, batch norm, "
+    "global average pool (64 features)",
+    cache_file="residual_judge.safetensors",
+    epochs=RESIDUAL_EPOCHS,
+    batch_size=128,
+    lr=0.05,
+    augmentation="random affine: rotation <= 12 degrees, scale 0.9-1.1, shear <= 0.15, "
+    "shift <= 2 pixels",
+    build=ResidualJudgeNet,
+    optimizer=_nesterov,
+    augment=random_affine,
+    label_smoothing=0.1,
+)
+# Every judge sample_quality reports, the first one at the top level of its report.
+JUDGES = (REFERENCE, RESIDUAL)
 
 
 @torch.no_grad()
@@ -174,18 +316,24 @@ def quality(
     }
 
 
-def train_reference(
-    train: Split, seed: int, device: torch.device, epochs: int = REFERENCE_EPOCHS
-) -> ReferenceNet:
-    """The judge's recipe on a split of uint8 digits (real ones for the judge, generated ones
-    for CAS): `epochs` of Adam, seeded, without touching the caller's random state."""
+def train_judge(
+    recipe: JudgeRecipe,
+    train: Split,
+    seed: int,
+    device: torch.device,
+    epochs: int | None = None,
+) -> ReferenceNet | ResidualJudgeNet:
+    """A judge's recipe on a split of uint8 digits (real ones for the judge, generated ones
+    for CAS): `epochs` (default: the recipe's) with cosine decay, seeded, without touching the
+    caller's random state."""
+    epochs = recipe.epochs if epochs is None else epochs
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
         torch.manual_seed(seed)
-        classifier = ReferenceNet().to(device)
-        optimizer = torch.optim.Adam(classifier.parameters(), lr=REFERENCE_LR)
+        classifier = recipe.build().to(device)
+        optimizer = recipe.optimizer(classifier.parameters(), recipe.lr)
         generator = torch.Generator().manual_seed(seed)
-        batches = Batches(train, REFERENCE_BATCH_SIZE, generator=generator)
+        batches = Batches(train, recipe.batch_size, generator=generator)
         total_steps = epochs * len(batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
@@ -193,8 +341,9 @@ def train_reference(
         classifier.train()
         for _ in range(epochs):
             for x, y in batches:
-                x = random_shift(x, REFERENCE_MAX_SHIFT, generator)
-                loss = F.cross_entropy(classifier(x).logits, y)
+                x = recipe.augment(x, generator)
+                logits = classifier(x).logits
+                loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -202,9 +351,46 @@ def train_reference(
     return classifier.eval()
 
 
+def train_reference(
+    train: Split, seed: int, device: torch.device, epochs: int = REFERENCE_EPOCHS
+) -> ReferenceNet | ResidualJudgeNet:
+    """The first judge's recipe (train_judge of REFERENCE)."""
+    return train_judge(REFERENCE, train, seed, device, epochs)
+
+
 def accuracy_on(classifier: Judge, split: Split) -> float:
     predicted, _ = classify(classifier, to_float(split.images))
     return float((predicted == split.labels).double().mean())
+
+
+def judge_classifier(
+    recipe: JudgeRecipe,
+    cache_dir: Path,
+    data: MNISTData,
+    seed: int,
+    device: torch.device,
+    epochs: int | None = None,
+) -> tuple[ReferenceNet | ResidualJudgeNet, dict[str, Any]]:
+    """The judge of this recipe, dataset and seed: loaded from cache_dir when trained there
+    before with the same recipe, else trained on the real training digits and cached. Returns
+    it with its record (recipe, test accuracy)."""
+    epochs = recipe.epochs if epochs is None else epochs
+    record = {
+        **recipe.record(epochs),
+        "dataset": data.name,
+        "split": data.split_info["sizes"],
+        "seed": seed,
+    }
+    path = cache_dir / recipe.cache_file
+    classifier = _load_cached(recipe, path, record, device)
+    if classifier is None:
+        logger.info(
+            "training the %s judge (a digit classifier) on the real training digits", recipe.name
+        )
+        classifier = train_judge(recipe, data.train, seed, device, epochs)
+        _save(classifier, path, record)
+    accuracy = accuracy_on(classifier, data.test)
+    return classifier, {**record, "trained_on": "train split", "test_accuracy": accuracy}
 
 
 def reference_classifier(
@@ -212,41 +398,24 @@ def reference_classifier(
     data: MNISTData,
     seed: int,
     device: torch.device,
-    epochs: int = REFERENCE_EPOCHS,
-) -> tuple[ReferenceNet, dict[str, Any]]:
-    """The judge of this dataset and seed: loaded from cache_dir when trained there before with
-    the same recipe, else trained and cached. Returns it with its record (recipe, test
-    accuracy)."""
-    recipe = {
-        "network": "ReferenceNet: conv3x3 32, conv3x3 64, maxpool, fc 128 (dropout 0.25/0.5)",
-        "dataset": data.name,
-        "split": data.split_info["sizes"],
-        "seed": seed,
-        "epochs": epochs,
-        "batch_size": REFERENCE_BATCH_SIZE,
-        "lr": REFERENCE_LR,
-        "max_shift": REFERENCE_MAX_SHIFT,
-    }
-    path = cache_dir / REFERENCE_FILE
-    classifier = _load_cached(path, recipe, device)
-    if classifier is None:
-        logger.info("training the judge (a digit classifier) on the real training digits")
-        classifier = train_reference(data.train, seed, device, epochs)
-        _save(classifier, path, recipe)
-    accuracy = accuracy_on(classifier, data.test)
-    return classifier, {**recipe, "trained_on": "train split", "test_accuracy": accuracy}
+    epochs: int | None = None,
+) -> tuple[ReferenceNet | ResidualJudgeNet, dict[str, Any]]:
+    """The first judge (judge_classifier of REFERENCE)."""
+    return judge_classifier(REFERENCE, cache_dir, data, seed, device, epochs)
 
 
-def _load_cached(path: Path, recipe: dict[str, Any], device: torch.device) -> ReferenceNet | None:
+def _load_cached(
+    recipe: JudgeRecipe, path: Path, record: dict[str, Any], device: torch.device
+) -> ReferenceNet | ResidualJudgeNet | None:
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
             state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        if json.loads(metadata.get("recipe", "null")) != json.loads(json.dumps(recipe)):
+        if json.loads(metadata.get("recipe", "null")) != json.loads(json.dumps(record)):
             return None
-        classifier = ReferenceNet()
+        classifier = recipe.build()
         classifier.load_state_dict(state)
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
         logger.warning("retraining the judge: cannot use %s (%s)", path, exc)
@@ -254,7 +423,7 @@ def _load_cached(path: Path, recipe: dict[str, Any], device: torch.device) -> Re
     return classifier.to(device).eval()
 
 
-def _save(classifier: ReferenceNet, path: Path, recipe: dict[str, Any]) -> None:
+def _save(classifier: nn.Module, path: Path, recipe: dict[str, Any]) -> None:
     """Write via a temporary file and a rename, so a crash never leaves half a cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in classifier.state_dict().items()}
@@ -315,19 +484,21 @@ def classification_accuracy_score(
     data: MNISTData,
     seed: int = 0,
     samples: int = CAS_SAMPLES,
-    epochs: int = REFERENCE_EPOCHS,
+    epochs: int | None = None,
+    recipe: JudgeRecipe = REFERENCE,
 ) -> float:
-    """CAS: the judge's recipe trained on `samples` generated digits (as many of each), tested
+    """CAS: a judge's recipe trained on `samples` generated digits (as many of each), tested
     on the real test digits."""
     classes = model.config.num_classes or NUM_CLASSES
     images, labels = samples_per_class(model, samples // classes, seed + 1, prior=prior)
     uint8 = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     generated = Split(uint8, labels.to(uint8.device))
-    classifier = train_reference(generated, seed, model.device, epochs)
+    classifier = train_judge(recipe, generated, seed, model.device, epochs)
     return accuracy_on(classifier, data.test.to(model.device))
 
 
-def sample_quality(
+def judge_report(
+    recipe: JudgeRecipe,
     model: VAE,
     prior: GaussianMixturePrior | None,
     data: MNISTData,
@@ -335,19 +506,23 @@ def sample_quality(
     seed: int = 0,
     per_class: int = SAMPLES_PER_CLASS,
     cas_samples: int = CAS_SAMPLES,
-    epochs: int = REFERENCE_EPOCHS,
+    epochs: int | None = None,
 ) -> dict[str, Any]:
-    """The metrics.json section: samples from the served prior (the fitted one when given)
-    and, for comparison, from N(0, I), judged by the reference classifier; CAS of the served
-    prior; each next to its target. `epochs` of the judge's and CAS's recipe (fewer in tests)."""
-    judge, record = reference_classifier(cache_dir, data, seed, model.device, epochs)
+    """One judge's view: samples from the served prior (the fitted one when given) and, for
+    comparison, from N(0, I); CAS of the served prior with this judge's recipe; each next to
+    its target."""
+    judge, record = judge_classifier(recipe, cache_dir, data, seed, model.device, epochs)
     report: dict[str, Any] = {"judge": record, "compared_with": "test split", "seed": seed}
     served = judge_samples(model, prior, judge, data, per_class, seed)
     report["served"] = served
     if prior is not None:
         report["standard"] = judge_samples(model, None, judge, data, per_class, seed)
-    logger.info("training the CAS classifier on %d generated digits", cas_samples)
-    cas = classification_accuracy_score(model, prior, data, seed, cas_samples, epochs)
+    logger.info(
+        "training the %s judge's CAS classifier on %d generated digits", recipe.name, cas_samples
+    )
+    cas = classification_accuracy_score(
+        model, prior, data, seed, cas_samples, epochs, recipe=recipe
+    )
     report["cas"] = {
         "accuracy": cas,
         "generated_digits": cas_samples,
@@ -370,6 +545,39 @@ def sample_quality(
     return report
 
 
+def sample_quality(
+    model: VAE,
+    prior: GaussianMixturePrior | None,
+    data: MNISTData,
+    cache_dir: Path,
+    seed: int = 0,
+    per_class: int = SAMPLES_PER_CLASS,
+    cas_samples: int = CAS_SAMPLES,
+    epochs: int | None = None,
+) -> dict[str, Any]:
+    """The metrics.json section: judge_report of the first judge (REFERENCE) at the top level,
+    and of every other judge under `judges` by name, with `all_met` over all of them.
+    `epochs` of every judge's and CAS's recipe (default: each recipe's; fewer in tests)."""
+    first, *others = JUDGES
+    report = judge_report(
+        first, model, prior, data, cache_dir, seed, per_class, cas_samples, epochs
+    )
+    report["judges"] = {
+        recipe.name: judge_report(
+            recipe, model, prior, data, cache_dir, seed, per_class, cas_samples, epochs
+        )
+        for recipe in others
+    }
+    views = [report, *report["judges"].values()]
+    report["all_met"] = all(row["met"] for view in views for row in view["targets"].values())
+    return report
+
+
+def judge_views(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each judge's view in a sample_quality report, by judge name, the first judge first."""
+    return {JUDGES[0].name: report, **report.get("judges", {})}
+
+
 @torch.no_grad()
 def compare_sample_quality(
     adversarial: VAE,
@@ -380,7 +588,7 @@ def compare_sample_quality(
     seed: int,
     cache_dir: Path,
     priors: tuple[GaussianMixturePrior | None, GaussianMixturePrior | None] = (None, None),
-    epochs: int = REFERENCE_EPOCHS,
+    epochs: int | None = None,
 ) -> dict[str, Any]:
     """Sample quality of the adversarial VAE and the plain one (each from its prior in
     `priors`, N(0, I) where None), judged by the adversarial run's own classifier C and by the

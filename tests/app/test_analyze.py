@@ -25,6 +25,8 @@ from app_testing import (
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from models import load_checkpoint
+
 MnistTest = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -251,6 +253,31 @@ def test_blank_noise_and_inverted_digits_are_anomalous(
         assert item["score"] > body["threshold"]
     normal = score(client, png_of(images[0]))["items"][0]
     assert all(item["score"] > normal["score"] for item in body["items"])
+
+
+def test_components_are_the_statistics_behind_each_score(
+    client: TestClient,
+    mnist_test: MnistTest,
+    trained_checkpoint: Path,
+    checkpoint_config: dict[str, Any],
+) -> None:
+    """items[].components names the checkpoint's statistics in order, with the values the model
+    computes for the upload, and the score is their distance from the fitted reference."""
+    images, _ = mnist_test
+    uploads = [png_of(image) for image in (images[0], images[130], 1.0 - images[0])]
+    items = score(client, *uploads)["items"]
+    model = load_checkpoint(trained_checkpoint).model
+    x = torch.stack([torch.from_numpy(unit(pixels(upload))).float()[None] for upload in uploads])
+    expected = model.anomaly_statistics(x)
+    names = checkpoint_config["model"]["anomaly_statistics"]
+    assert expected.digit is not None
+    for i, item in enumerate(items):
+        assert list(item["components"]) == names
+        values = torch.tensor(list(item["components"].values()), dtype=torch.float64)
+        torch.testing.assert_close(values, expected.statistics[i].double(), atol=1e-3, rtol=1e-3)
+        delta = values - model.anomaly_center[expected.digit[i]].double()
+        distance = float(delta @ model.anomaly_precision.double() @ delta) ** 0.5
+        assert item["score"] == pytest.approx(distance, rel=1e-3)
 
 
 def test_percentile_follows_the_calibration_quantiles(

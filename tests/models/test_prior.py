@@ -148,3 +148,22 @@ def test_vae_sample_with_a_fitted_prior_decodes_its_latents() -> None:
     assert torch.allclose(samples.latents, expected)
     assert torch.allclose(samples.images, model.decode(expected, labels))
     assert torch.equal(samples.labels, labels)
+
+
+def test_candidates_scale_each_draw_around_its_own_component() -> None:
+    """The served draws (candidates) of a two-component group at temperature 0.5 are, with the
+    same seed, exactly halfway between their component's mean and the draws at 1.0."""
+    prior = make_prior(groups=3, components=2)
+    groups = torch.full((2000,), 2)
+    hot = prior.candidates(groups, 1.0, torch.Generator().manual_seed(4), rounds=3)
+    cool = prior.candidates(groups, 0.5, torch.Generator().manual_seed(4), rounds=3)
+    # cool = mean + (hot - mean) / 2, so 2 * cool - hot is the mean of the component drawn.
+    centres = (2 * cool - hot).reshape(-1, 4)
+    distance = torch.cdist(centres, prior.means[2])  # (N * R, 2)
+    assert float(distance.min(1).values.max()) < 0.02  # float32 rounding of |z| ~ 10
+    # Both components are drawn, each about as often as its weight says.
+    share = float((distance.argmin(1) == 1).double().mean())
+    assert abs(share - float(prior.weights[2, 1])) < 0.03
+    # And the spread around the component is halved.
+    spread_hot = (hot.reshape(-1, 4) - centres).std()
+    assert float((cool.reshape(-1, 4) - centres).std()) == pytest.approx(0.5 * float(spread_hot))

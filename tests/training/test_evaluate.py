@@ -10,7 +10,14 @@ import torch
 
 from models import VAE, VAEConfig, load_checkpoint
 from training.data import MNISTData, Split, load_dataset, to_float
-from training.evaluate import anomaly_scores, calibrate_anomaly, evaluate, format_table, main
+from training.evaluate import (
+    anomaly_scores,
+    calibrate_anomaly,
+    evaluate,
+    format_quality_table,
+    format_table,
+    main,
+)
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +170,30 @@ def test_cli_errors_are_one_line_with_exit_code_2(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_the_quality_table_shows_every_judge_next_to_its_targets() -> None:
+    def view(network: str, accuracy: float, ratio: float) -> dict[str, object]:
+        served = {
+            "prior": "fitted",
+            "samples_per_class": 300,
+            "frechet_distance": ratio * 0.07,
+            "frechet_distance_floor": 0.07,
+        }
+        targets = {
+            "accuracy": {"value": accuracy, "target": 0.99, "met": accuracy >= 0.99},
+            "fd_ratio": {"value": ratio, "target": 1.3, "met": ratio <= 1.3},
+        }
+        cas = {"accuracy": 0.96, "real_training_digits_accuracy": 0.975}
+        judge = {"network": network, "test_accuracy": 0.975}
+        return {"judge": judge, "served": served, "cas": cas, "targets": targets}
+
+    report = view("ReferenceNet: a CNN", 0.994, 1.58)
+    report["judges"] = {"residual": view("ResidualJudgeNet: a ResNet", 0.974, 3.07)}
+    table = format_quality_table(report)
+    assert "judged by the reference judge" in table and "judged by the residual judge" in table
+    assert "ReferenceNet: a CNN" in table and "ResidualJudgeNet: a ResNet" in table
+    assert "accuracy         0.994 (target >= 0.99) met" in table
+    assert "accuracy         0.974 (target >= 0.99) missed" in table
+    assert "fd_ratio         3.070 (target <= 1.3) missed" in table
+    assert "FD 0.215 against the real-digit floor 0.07" in table

@@ -15,7 +15,13 @@ from models import VAE, load_checkpoint
 from training.checkpoints import STATE_FILE
 from training.config import ConfigError, TrainConfig
 from training.data import load_dataset, to_float
+from training.evaluate import ANOMALY_TARGETS, anomaly_scores
+from training.ood_sets import ood_sets
 from training.run import check_output, train
+
+# The tiny model's held-out AUROCs (measured: far min 1.000, near mean 0.907), with a margin.
+FAR_FLOOR = 0.98
+NEAR_MEAN_FLOOR = 0.85
 
 
 @pytest.mark.slow
@@ -95,6 +101,39 @@ def test_final_checkpoint_holds_metrics_calibration_and_files(trained_checkpoint
     assert (state / "best" / "model.safetensors").is_file()
     # The anomaly reference is part of the weights the service loads.
     assert bool(load_checkpoint(trained_checkpoint).model.anomaly_fitted)
+
+
+@pytest.mark.slow
+def test_the_held_out_auroc_table_is_each_sets_ranking_against_the_test_digits(
+    trained_checkpoint: Path,
+) -> None:
+    """Each row of the README's table, recomputed here: the score of every image of the test
+    part's set and of the 1,000 test digits, the AUROC as the share of (anomaly, digit) pairs
+    ranked the right way round (ties half), the share flagged at the threshold; and the
+    summary and its verdicts from the rows."""
+    checkpoint = load_checkpoint(trained_checkpoint)
+    anomaly = checkpoint.metadata["anomaly"]
+    held_out, threshold = anomaly["held_out"], anomaly["threshold"]
+    test = load_dataset("mnist-5k").test
+    normal = anomaly_scores(checkpoint.model, test.images)
+    sets = {s.name: s for s in ood_sets(test.images, test.labels, "test")}
+    assert list(held_out["sets"]) == list(sets)
+    for name, row in held_out["sets"].items():
+        scores = anomaly_scores(checkpoint.model, sets[name].images)
+        above = (scores[:, None] > normal[None, :]).double().mean()
+        ties = (scores[:, None] == normal[None, :]).double().mean()
+        assert row["auroc"] == pytest.approx(float(above + 0.5 * ties), abs=1e-9), name
+        assert row["flagged"] == pytest.approx(float((scores > threshold).double().mean()))
+        assert row["kind"] == sets[name].kind and row["images"] == 500
+    near = [row["auroc"] for row in held_out["sets"].values() if row["kind"] == "near"]
+    far = [row["auroc"] for row in held_out["sets"].values() if row["kind"] == "far"]
+    summary, met = held_out["summary"], held_out["met"]
+    assert summary["near_auroc_min"] == min(near) and summary["far_auroc_min"] == min(far)
+    assert summary["near_auroc_mean"] == pytest.approx(sum(near) / len(near))
+    assert met["near_auroc_min"] == (min(near) >= ANOMALY_TARGETS["near_auroc_min"])
+    assert met["near_auroc_mean"] == (sum(near) / len(near) >= ANOMALY_TARGETS["near_auroc_mean"])
+    # Even the 12-epoch tiny model ranks the far sets and most near ones well above chance.
+    assert min(far) >= FAR_FLOOR and sum(near) / len(near) >= NEAR_MEAN_FLOOR
 
 
 @pytest.mark.slow

@@ -12,10 +12,13 @@ from torch import Tensor
 
 from models import VAE, VAEConfig, load_checkpoint
 from models.adversarial import Classifier, CriticConfig
-from models.prior import load_prior
+from models.prior import GaussianMixturePrior, load_prior
+from models.vae import SAMPLE_ROUNDS
 from training.data import MNISTData, load_dataset, to_float
 from training.prior import fit_prior, posterior_means
 from training.sample_quality import (
+    REFERENCE,
+    RESIDUAL,
     TARGETS,
     classify,
     sample_quality,
@@ -64,14 +67,29 @@ def test_the_judge_of_these_tests_reads_real_digits(judge: Classifier, data: MNI
 def test_fitted_prior_samples_land_on_their_digit(
     tiny: VAE, trained_checkpoint: Path, judge: Classifier
 ) -> None:
-    """The tiny preset's samples of a chosen digit are read as that digit far more often from
-    the fitted prior (with the digit check) than from N(0, I); the default preset reaches 99%."""
+    """The tiny preset's samples of a chosen digit are read as that digit more often from the
+    fitted prior than from N(0, I), with the digit check and without it (so the prior, not the
+    check's redraws alone, earns it); the default preset reaches 99%."""
     prior = load_prior(trained_checkpoint, tiny.config.latent_dim, 10)
     assert prior is not None
-    fitted = on_digit(judge, *samples_per_class(tiny, 50, seed=0, prior=prior))
-    standard = on_digit(judge, *samples_per_class(tiny, 50, seed=0))
+    standard = GaussianMixturePrior(
+        torch.ones(10, 1),
+        torch.zeros(10, 1, tiny.config.latent_dim),
+        torch.eye(tiny.config.latent_dim).repeat(10, 1, 1, 1),
+        {},
+    )
+    labels = torch.arange(10).repeat_interleave(50)
+
+    def read_right(prior: GaussianMixturePrior, rounds: int) -> float:
+        generator = torch.Generator().manual_seed(0)
+        images = tiny.sample(len(labels), labels, 1.0, generator, prior, rounds).images
+        return on_digit(judge, images, labels)
+
+    fitted, unchecked = read_right(prior, SAMPLE_ROUNDS), read_right(prior, 1)
     assert fitted > 0.9
-    assert fitted > standard + 0.03
+    assert fitted > read_right(standard, SAMPLE_ROUNDS) + 0.02
+    assert unchecked > read_right(standard, 1) + 0.03
+    assert fitted > on_digit(judge, *samples_per_class(tiny, 50, seed=0))
 
 
 def test_the_prior_is_a_density_of_each_digits_latents(tiny: VAE, data: MNISTData) -> None:
@@ -128,6 +146,23 @@ def test_decode_verified_takes_the_first_candidate_the_head_accepts() -> None:
     assert torch.equal(z, candidates[:, 0])
 
 
+def test_a_sample_the_head_rejects_is_drawn_again_up_to_three_times() -> None:
+    """As the README says: a fitted-prior sample the digit head reads as another digit is drawn
+    again, up to 3 times, from the same generator (all 4 candidates drawn at once), and keeps
+    its last draw if none passes."""
+    model = ReadsPositive(VAEConfig(hidden_dims=(8, 16), latent_dim=2, digit_head=True)).eval()
+    means = torch.tensor([[-0.5, 0.0]]).repeat(10, 1, 1)  # z[0] > 0, accepted, 31% of draws
+    prior = GaussianMixturePrior(torch.ones(10, 1), means, torch.eye(2).repeat(10, 1, 1, 1), {})
+    y = torch.arange(2000) % 10
+    samples = model.sample(2000, y, 1.0, torch.Generator().manual_seed(9), prior)
+    candidates = prior.candidates(y, 1.0, torch.Generator().manual_seed(9), rounds=4)
+    accepted = candidates[:, :, 0] > 0  # (N, 4)
+    first = torch.where(accepted.any(1), accepted.long().argmax(1), 3)
+    assert torch.equal(samples.latents, candidates[torch.arange(2000), first])
+    never = float((~accepted.any(1)).double().mean())
+    assert never == pytest.approx(0.69**4, abs=0.03)
+
+
 def test_within_class_spread_is_the_mean_pairwise_distance_per_label() -> None:
     features = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
     labels = torch.tensor([0, 0, 1, 1, 2])  # label 2 has one row: no pairs, left out
@@ -142,23 +177,37 @@ def test_the_report_holds_every_number_next_to_its_target(
     report = sample_quality(
         tiny, prior, data, tmp_path, seed=0, per_class=30, cas_samples=600, epochs=2
     )
-    served, standard = report["served"], report["standard"]
-    assert served["prior"] == "fitted" and standard["prior"] == "standard"
-    for row in (served, standard):
-        assert row["samples_per_class"] == 30 and len(row["per_class_accuracy"]) == 10
-        assert row["accuracy"] == pytest.approx(sum(row["per_class_accuracy"]) / 10)
-        assert row["fd_ratio"] == pytest.approx(
-            row["frechet_distance"] / row["frechet_distance_floor"]
-        )
-        assert row["diversity_ratio"] == pytest.approx(row["diversity"] / row["diversity_real"])
-        assert 0 < row["frechet_distance_floor"] < math.inf
-    # Two epochs on 600 generated digits: far from the full recipe, far above chance (10%).
-    assert 0.3 < report["cas"]["accuracy"] <= 1.0
-    assert report["cas"]["real_training_digits_accuracy"] == report["judge"]["test_accuracy"]
-    assert set(report["targets"]) == set(TARGETS)
-    fd = report["targets"]["fd_ratio"]
-    assert fd["met"] == (fd["value"] <= TARGETS["fd_ratio"])
-    accuracy = report["targets"]["accuracy"]
-    assert accuracy["met"] == (accuracy["value"] >= TARGETS["accuracy"])
-    # The judge is cached for the next evaluation of this checkpoint.
-    assert any(tmp_path.iterdir())
+    assert list(report["judges"]) == ["residual"]
+    views = [report, report["judges"]["residual"]]
+    assert [view["judge"]["network"].split(":")[0] for view in views] == [
+        "ReferenceNet",
+        "ResidualJudgeNet",
+    ]
+    for view in views:
+        served, standard = view["served"], view["standard"]
+        assert served["prior"] == "fitted" and standard["prior"] == "standard"
+        for row in (served, standard):
+            assert row["samples_per_class"] == 30 and len(row["per_class_accuracy"]) == 10
+            assert row["accuracy"] == pytest.approx(sum(row["per_class_accuracy"]) / 10)
+            assert row["fd_ratio"] == pytest.approx(
+                row["frechet_distance"] / row["frechet_distance_floor"]
+            )
+            assert row["diversity_ratio"] == pytest.approx(row["diversity"] / row["diversity_real"])
+            assert 0 < row["frechet_distance_floor"] < math.inf
+        assert 0.0 <= view["cas"]["accuracy"] <= 1.0
+        assert view["cas"]["real_training_digits_accuracy"] == view["judge"]["test_accuracy"]
+        assert view["judge"]["epochs"] == 2
+        assert set(view["targets"]) == set(TARGETS)
+        fd = view["targets"]["fd_ratio"]
+        assert fd["met"] == (fd["value"] <= TARGETS["fd_ratio"])
+        accuracy = view["targets"]["accuracy"]
+        assert accuracy["met"] == (accuracy["value"] >= TARGETS["accuracy"])
+    # Two epochs of the reference recipe on 600 generated digits: far from the full recipe, far
+    # above chance (10%). (Ten SGD steps are too few for the residual recipe to say anything.)
+    assert report["cas"]["accuracy"] > 0.3 and report["judge"]["test_accuracy"] > 0.8
+    # The two judges see the samples through different features: their FDs differ.
+    assert report["served"]["frechet_distance"] != views[1]["served"]["frechet_distance"]
+    verdicts = [row["met"] for view in views for row in view["targets"].values()]
+    assert report["all_met"] == all(verdicts)
+    # Both judges are cached for the next evaluation of this checkpoint.
+    assert {p.name for p in tmp_path.iterdir()} >= {REFERENCE.cache_file, RESIDUAL.cache_file}
