@@ -143,7 +143,8 @@ class ApiKeyMiddleware:
         retry_after: float | None = None,
     ) -> None:
         self.metrics.requests_rejected.labels(reason).inc()
-        headers = {}
+        # The body is never read, so the connection cannot carry another request.
+        headers = {"Connection": "close"}
         if challenge is not None:
             headers["WWW-Authenticate"] = challenge
         if retry_after is not None:

@@ -37,6 +37,7 @@ def test_model_routes_need_a_valid_key(keyed: TestClient) -> None:
     missing = keyed.post("/sample?digit=7")
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == 'Bearer realm="vae-serve"'
+    assert missing.headers["connection"] == "close"  # its body was never read
     assert "needs an API key" in missing.json()["detail"]
     wrong = keyed.post("/sample?digit=7", headers=bearer("not-a-key-0123456789"))
     assert wrong.status_code == 401
