@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from app.api_keys import KeyRing, load_keys
+from app.api_keys import KeyRing
 from app.auth import ApiKeyMiddleware, RateLimiter
 from app.batching import MicroBatcher
 from app.errors import CLIENT_CLOSED_REQUEST, ServiceError, Unavailable, error_body
@@ -135,7 +135,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         reserve=OPERATIONS_RESERVE,
         metrics=state.metrics,
     )
-    keys = KeyRing(load_keys(settings.api_keys, settings.api_keys_file))
+    keys = KeyRing(settings.keys)
     if keys:
         limiter = None
         if settings.rate_limit_per_s > 0:

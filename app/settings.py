@@ -5,10 +5,10 @@ import os
 import re
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.api_keys import load_keys
+from app.api_keys import ApiKey, load_keys
 from models.checkpoint import recover_checkpoints
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N (N = GPU index)"
@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     """Everything the service can be told; each field is VAE_<NAME> in the environment."""
 
     model_config = SettingsConfigDict(env_prefix="VAE_", extra="ignore")
+    _keys: list[ApiKey] = PrivateAttr(default_factory=list)
 
     checkpoints: str = Field(
         default="checkpoints/default",
@@ -159,12 +160,18 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _keys_are_usable(self) -> "Settings":
         keys = load_keys(self.api_keys, self.api_keys_file)  # KeyConfigError is a ValueError
+        self._keys = keys
         if (self.rate_limit_per_s or self.auth_operations) and not keys:
             raise ValueError(
                 "VAE_RATE_LIMIT_PER_S and VAE_AUTH_OPERATIONS apply to API keys, but none is "
                 "set; set VAE_API_KEYS or VAE_API_KEYS_FILE"
             )
         return self
+
+    @property
+    def keys(self) -> list[ApiKey]:
+        """The API keys as validated at startup (the keys file is read once, here)."""
+        return self._keys
 
     @property
     def rate_limit_burst_requests(self) -> int:
