@@ -17,10 +17,10 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from app.http.request_context import log_config
 from app.main import create_app
 from app.metrics import MULTIPROC_ENV
-from app.registry import Registry, resolve_device
-from app.request_context import log_config
+from app.service.registry import Registry, resolve_device
 from app.settings import Settings, SettingsError
 from models import CheckpointError
 from models.checkpoint import recover_checkpoints
@@ -160,13 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         "log_level": settings.log_level,
         "log_config": logging_config,
         "timeout_graceful_shutdown": settings.shutdown_drain_s,
-        # The server measured in bench/ and README: h11 on asyncio. uvicorn's "auto" would pick
-        # httptools and uvloop whenever they are installed, as the `ray` extra installs them
-        # (uvicorn[standard]), and the same command would then run another server.
-        "http": "h11",
-        "loop": "asyncio",
+        # Named, never uvicorn's "auto" (which picks by what happens to be installed), so one
+        # setting runs one server wherever it runs.
+        "http": settings.http,
+        "loop": "uvloop" if settings.http == "httptools" else "asyncio",
         # No limit_concurrency: the app caps requests in progress itself (VAE_MAX_CONCURRENCY,
-        # app.middleware.ConcurrencyLimitMiddleware), where its 503s are counted. uvicorn's cap
+        # app.http.middleware.ConcurrencyLimitMiddleware), where its 503s are counted. uvicorn's cap
         # answered before the app, invisibly, and counted idle keep-alive connections too, so
         # enough idle ones made it refuse every request, scrapes and probes included.
     }

@@ -19,25 +19,25 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from app.api_keys import KeyRing
-from app.auth import ApiKeyMiddleware, RateLimiter
-from app.batching import MicroBatcher
 from app.errors import CLIENT_CLOSED_REQUEST, ServiceError, Unavailable, error_body
-from app.inference import run_op, warm_up
-from app.metrics import Metrics
-from app.middleware import (
+from app.http.api_keys import KeyRing
+from app.http.auth import ApiKeyMiddleware, RateLimiter
+from app.http.middleware import (
     BodySizeLimitMiddleware,
     BodyTimeoutMiddleware,
     ConcurrencyLimitMiddleware,
     FaultInjectionMiddleware,
     MetricsMiddleware,
 )
-from app.registry import LoadedModel, Registry
-from app.request_context import RequestIdMiddleware
-from app.routes import analyze, bench, generate, similar, system, ui, v2
+from app.http.request_context import RequestIdMiddleware
+from app.http.routes import analyze, bench, generate, similar, system, ui, v2
+from app.http.state import ServiceState
+from app.http.v2_models import catalog
+from app.metrics import Metrics
+from app.service.batching import MicroBatcher
+from app.service.inference import run_op, warm_up
+from app.service.registry import LoadedModel, Registry
 from app.settings import Settings
-from app.state import ServiceState
-from app.v2_models import catalog
 
 logger = logging.getLogger("app")
 MAX_REPORTED_ERRORS = 20

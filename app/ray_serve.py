@@ -32,10 +32,10 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.http.state import ServiceState
 from app.main import create_app
-from app.registry import Registry
+from app.service.registry import Registry
 from app.settings import Settings, SettingsError
-from app.state import ServiceState
 
 logger = logging.getLogger("app.ray_serve")
 

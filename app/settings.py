@@ -4,11 +4,12 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.api_keys import ApiKey, load_keys
+from app.http.api_keys import ApiKey, load_keys
 from models.checkpoint import recover_checkpoints
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N (N = GPU index)"
@@ -88,6 +89,11 @@ class Settings(BaseSettings):
         "(counted in the metrics; /healthz, /readyz and /metrics get a small reserve beyond "
         "it); bounds the memory that uploads in flight can hold.",
     )
+    http: Literal["h11", "httptools"] = Field(
+        default="h11",
+        description="uvicorn's HTTP parser and event loop: `h11` on asyncio (pure Python), or "
+        "`httptools` on uvloop (C; both are runtime dependencies).",
+    )
     workers: int | None = Field(
         default=None,
         gt=0,
@@ -108,8 +114,8 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(
         default=None,
-        description="A file of `ID ROLE sha256:HEX` lines (`python -m app.api_keys ID` makes a key "
-        "and its line): keys stored hashed.",
+        description="A file of `ID ROLE sha256:HEX` lines (`python -m app.http.api_keys ID` "
+        "makes a key and its line): keys stored hashed.",
     )
     auth_operations: bool = Field(
         default=False,

@@ -102,7 +102,7 @@ class Case:
 
 def digit_pngs(count: int) -> list[bytes]:
     """`count` real held-out MNIST digits as 28x28 PNGs (what a client would upload)."""
-    from app.imaging import encode_png
+    from app.service.imaging import encode_png
     from training.data import load_dataset, to_float
 
     test = load_dataset("mnist-5k").test

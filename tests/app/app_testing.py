@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.imaging import encode_png
+from app.service.imaging import encode_png
 
 SIDE = 28
 PADDING = 2  # the contract's grid padding (torchvision make_grid layout)

@@ -1,4 +1,4 @@
-"""Tests for app.routes.analyze: /encode, /reconstruct, /anomaly-score on real digits."""
+"""Tests for app.http.routes.analyze: /encode, /reconstruct, /anomaly-score on real digits."""
 
 from __future__ import annotations
 

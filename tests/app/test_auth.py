@@ -1,4 +1,4 @@
-"""API keys (app/auth.py, app/api_keys.py): 401 without a valid key, 403 without the route's
+"""API keys (app/http/auth.py, api_keys.py): 401 without a valid key, 403 without the route's
 role, 429 past a key's rate, open probes and page, keys from the setting or a hashed file."""
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def test_a_keys_file_made_by_the_cli_holds_digests_only(
     trained_checkpoint: Path, tmp_path: Path
 ) -> None:
     made = subprocess.run(
-        [sys.executable, "-m", "app.api_keys", "ci-bot"],
+        [sys.executable, "-m", "app.http.api_keys", "ci-bot"],
         capture_output=True,
         text=True,
         check=True,
@@ -134,7 +134,7 @@ def test_a_keys_file_made_by_the_cli_holds_digests_only(
     key, entry = lines["key"], lines["keys-file line"]
     assert len(key) >= 32 and key not in entry
     keys_file = tmp_path / "keys"
-    keys_file.write_text(f"# made by python -m app.api_keys\n\n{entry}\n")
+    keys_file.write_text(f"# made by python -m app.http.api_keys\n\n{entry}\n")
     for client in serve(checkpoints=str(trained_checkpoint), device="cpu", api_keys_file=keys_file):
         upload = files(png_of(torch.zeros(1, 28, 28)))
         assert client.post("/anomaly-score", files=upload).status_code == 401

@@ -1,4 +1,5 @@
-"""Tests for app.batching: coalescing, caps, routing, failure isolation, backpressure, deadlines.
+"""Tests for app.service.batching: coalescing, caps, routing, failure isolation, backpressure,
+deadlines.
 
 The model is a fake `run` function of plain Python on the batcher's thread, except in the last
 test, which sends concurrent requests through the real app.
@@ -20,10 +21,10 @@ import torch
 from app_testing import metric, pixels
 from fastapi.testclient import TestClient
 
-from app.batching import MicroBatcher, RequestTimeout
 from app.errors import Overloaded, ServiceError, Unavailable
 from app.main import create_app
 from app.metrics import Metrics
+from app.service.batching import MicroBatcher, RequestTimeout
 from app.settings import Settings
 
 T = TypeVar("T")

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from app.errors import PayloadTooLarge, UnsupportedImage
-from app.imaging import decode_image
+from app.service.imaging import decode_image
 
 T = TypeVar("T")
 MAX_BYTES = 10 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""Tests for app.routes.generate: /sample, /decode, /interpolate, /variations on a real model."""
+"""Tests for app.http.routes.generate: /sample, /decode, /interpolate, /variations, real model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for app.imaging: decoding every accepted format and mode, limits, and encoders."""
+"""Tests for app.service.imaging: decoding every accepted format and mode, limits, and encoders."""
 
 import base64
 import io
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from app.errors import PayloadTooLarge, UnsupportedImage
-from app.imaging import (
+from app.service.imaging import (
     ACCEPTED_FORMATS,
     decode_base64_image,
     decode_image,

@@ -144,7 +144,7 @@ def test_a_checkpoint_without_a_prior_samples_from_the_standard_normal(
 def test_loading_a_checkpoint_without_a_prior_says_so_in_the_log(
     priorless_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="app.registry"):
+    with caplog.at_level(logging.WARNING, logger="app.service.registry"):
         for _ in serve(checkpoints=str(priorless_checkpoint), device="cpu"):
             pass
     assert any("no fitted prior" in record.getMessage() for record in caplog.records)

@@ -1,4 +1,4 @@
-"""Tests for app.registry: device choice, loading checkpoints, lookup by name, percentiles."""
+"""Tests for app.service.registry: device choice, loading checkpoints, lookup, percentiles."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from app.errors import ModelNotFound
-from app.registry import LoadedModel, Registry, resolve_device
+from app.service.registry import LoadedModel, Registry, resolve_device
 from app.settings import Settings, SettingsError
 from models import VAE, CheckpointError, VAEConfig
 
@@ -46,7 +46,7 @@ def test_auto_serves_on_the_cpu_from_a_gpu_the_torch_build_cannot_run(
 ) -> None:
     # The image's CUDA 12.8 torch on a Pascal GPU: CUDA is visible, but no kernel would run.
     fake_gpu((6, 1), name="Tesla P4")
-    with caplog.at_level("WARNING", logger="app.registry"):
+    with caplog.at_level("WARNING", logger="app.service.registry"):
         assert resolve_device("auto") == torch.device("cpu")
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("VAE_DEVICE=auto: serving on the CPU instead of the GPU")
@@ -57,7 +57,7 @@ def test_auto_serves_on_the_cpu_when_the_test_kernel_fails(
     fake_gpu: Callable[..., None], caplog: pytest.LogCaptureFixture
 ) -> None:
     fake_gpu((7, 5), kernel_error="CUDA error: no kernel image is available")
-    with caplog.at_level("WARNING", logger="app.registry"):
+    with caplog.at_level("WARNING", logger="app.service.registry"):
         assert resolve_device("auto") == torch.device("cpu")
     assert "failed a test kernel" in caplog.text
 

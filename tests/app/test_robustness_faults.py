@@ -18,11 +18,11 @@ import torch
 from app_testing import files, metric, open_image, png_of
 from fastapi.testclient import TestClient
 
-from app.batching import MicroBatcher
 from app.errors import ShuttingDown
-from app.inference import FAULT_OOM, FAULT_RAISE, parse_fault
 from app.main import create_app
 from app.metrics import Metrics
+from app.service.batching import MicroBatcher
+from app.service.faults import FAULT_OOM, FAULT_RAISE, parse_fault
 from app.settings import Settings
 
 Inputs = dict[str, torch.Tensor]

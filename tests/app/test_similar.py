@@ -1,4 +1,4 @@
-"""Tests for app.routes.similar: POST /similar on the trained checkpoints' latent indexes."""
+"""Tests for app.http.routes.similar: POST /similar on the trained checkpoints' latent indexes."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from app_testing import (
 from conftest import UNCONDITIONAL_NAME, serve
 from fastapi.testclient import TestClient
 
-from app.registry import Registry
+from app.service.registry import Registry
 from app.settings import Settings
 from models import CheckpointError
 from training.data import load_dataset

@@ -1,4 +1,4 @@
-"""Tests for app.routes.system and app.middleware: model cards, health, readiness, metrics."""
+"""Tests for app.http.routes.system and app.http.middleware: cards, health, readiness, metrics."""
 
 from __future__ import annotations
 

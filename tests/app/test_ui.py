@@ -1,4 +1,4 @@
-"""Tests for app.routes.ui: the page and its assets, then the page driven in headless Chromium."""
+"""Tests for app.http.routes.ui: the page and its assets, then driven in headless Chromium."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from app.routes.ui import STATIC_DIR
+from app.http.routes.ui import STATIC_DIR
 
 # Debian's packages (`apt-get install chromium chromium-driver`; .ci/run installs them): the
 # driver matches the browser's version exactly and nothing is downloaded.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from app.errors import BadRequest
-from app.v2_protocol import (
+from app.http.v2_protocol import (
     HEADER_LENGTH,
     OutputTensor,
     decode_request,

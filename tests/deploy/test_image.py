@@ -22,7 +22,7 @@ from containers import FAST_PRESET, Container, build_image, run
 from deploy_tools import REPO
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.imaging import encode_png
+from app.service.imaging import encode_png
 from training.data import load_dataset, to_float
 
 pytestmark = pytest.mark.slow

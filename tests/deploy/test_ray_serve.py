@@ -31,9 +31,9 @@ from fastapi.testclient import TestClient
 from ray import serve
 
 import app.ray_serve
-from app.imaging import encode_png
 from app.metrics import Metrics
 from app.ray_serve import REPLICA_HEADER, RayMetricsExport, ReplicaHeaderMiddleware, build_app
+from app.service.imaging import encode_png
 from app.settings import Settings, SettingsError
 from training.data import load_dataset, to_float
 

@@ -7,9 +7,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.errors import NotReady
-from app.routes import error_responses
-from app.schemas import ModelsJSON
-from app.state import StateDep
+from app.http.routes import error_responses
+from app.http.schemas import ModelsJSON
+from app.http.state import StateDep
 
 router = APIRouter(tags=["operations"])
 

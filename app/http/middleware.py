@@ -14,8 +14,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_body
-from app.inference import parse_fault, requested_fault
 from app.metrics import Metrics
+from app.service.faults import parse_fault, requested_fault
 
 
 class MetricsMiddleware:
@@ -247,7 +247,7 @@ class FaultInjectionMiddleware:
             await response(scope, receive, send)
             return
         # Every request gets a value (0: no fault), so that all jobs carry the fault column
-        # and batch together (app.predict).
+        # and batch together (app.service.predict).
         token = requested_fault.set(fault)
         try:
             await self.app(scope, receive, send)

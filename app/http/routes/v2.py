@@ -11,9 +11,9 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import NotReady
-from app.state import ServiceState, StateDep, service
-from app.v2_models import VERSION, V2Model, find_model, infer
-from app.v2_protocol import (
+from app.http.state import ServiceState, StateDep, service
+from app.http.v2_models import VERSION, V2Model, find_model, infer
+from app.http.v2_protocol import (
     BINARY_TYPE,
     HEADER_LENGTH,
     InferenceRequest,

@@ -12,14 +12,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from app.batching import MicroBatcher
 from app.errors import BadRequest, InvalidInput
-from app.inference import FAULT_INPUT, NO_DIGIT, one_hot, requested_fault
 from app.metrics import Metrics
-from app.registry import LoadedModel
+from app.service.batching import MicroBatcher
+from app.service.faults import FAULT_INPUT, requested_fault
+from app.service.inference import NO_DIGIT, one_hot
+from app.service.registry import LoadedModel
 from models import VAE
 from models.index import LatentIndex
 from models.prior import GaussianMixturePrior
@@ -29,6 +31,10 @@ PriorName = Literal["fitted", "standard"]
 # The digit of a request: one for every image, one per image (the v2 API), or None (the
 # model predicts or draws it).
 Digits = int | Sequence[int] | None
+# Images (N, 1, 28, 28) in [0, 1] and latents (N, L) come as tensors or, from protocol
+# adapters that hold numpy arrays (v2), as float32 arrays: the service converts, not the caller.
+ImageBatch = Tensor | np.ndarray
+Latents = Tensor | np.ndarray
 
 
 def draw_seed() -> int:
@@ -156,6 +162,14 @@ class ModelHandle:
         inputs = {"z": z} if labels is None else {"z": z, "labels": labels}
         return (await self._submit("decode", inputs))["images"]
 
+    async def decode_latents(self, z: Latents, digits: Sequence[int] | None) -> Tensor:
+        """z (N, L) and, for a conditional model, each row's digit (checked by the caller)
+        -> images (N, 1, 28, 28)."""
+        latents = torch.as_tensor(z, dtype=torch.float32)
+        if digits is None or self.num_classes is None:
+            return await self.decode(latents, None)
+        return await self.decode(latents, one_hot(torch.tensor(list(digits)), self.num_classes))
+
     async def decode_rows(
         self, z: Sequence[Sequence[float]], digit: int | Sequence[int] | None
     ) -> tuple[Tensor, list[int] | None]:
@@ -235,9 +249,10 @@ class ModelHandle:
             return self._digit_column(digit, n)
         return torch.randint(0, self.num_classes or 0, (n,), generator=generator)
 
-    async def encode(self, x: Tensor, digit: Digits) -> dict[str, Tensor]:
+    async def encode(self, x: ImageBatch, digit: Digits) -> dict[str, Tensor]:
         """mu, logvar (N, L) and, for conditional models, the digit used and its probability."""
         self.check_digit(digit)
+        x = torch.as_tensor(x)
         return await self._submit("encode", {"x": x, **self._digit_input(digit, len(x))})
 
     async def reconstruct(self, x: Tensor, digit: int | None) -> tuple[Tensor, Tensor]:
@@ -372,12 +387,12 @@ class ModelHandle:
             )
         return threshold
 
-    async def anomaly(self, x: Tensor, threshold: float | None = None) -> Scored:
+    async def anomaly(self, x: ImageBatch, threshold: float | None = None) -> Scored:
         """Score x (N, 1, 28, 28) and decide each against `threshold` (default: the
         checkpoint's calibrated one); every score is observed once in vae_anomaly_score."""
         calibrated = self.check_anomaly()
         limit = calibrated if threshold is None else threshold
-        out = await self._submit("anomaly", {"x": x})
+        out = await self._submit("anomaly", {"x": torch.as_tensor(x)})
         scores = out["score"].tolist()
         if self.metrics is not None:
             histogram = self.metrics.anomaly_score.labels(self.name)

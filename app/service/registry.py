@@ -16,7 +16,7 @@ from models.device import auto_device, cuda_problem
 from models.index import LatentIndex, load_index
 from models.prior import PRIOR_FILE, GaussianMixturePrior, checkpoint_prior
 
-logger = logging.getLogger("app.registry")
+logger = logging.getLogger("app.service.registry")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -153,6 +153,13 @@ class Registry:
             raise ModelNotFound(
                 f"no model named {key!r}; loaded models: {', '.join(self.models)} (GET /models)"
             ) from None
+
+    def gpu_memory_allocated(self) -> dict[str, int]:
+        """Bytes allocated now on each GPU a model is on, by device name (none on the CPU)."""
+        if not torch.cuda.is_available():
+            return {}
+        devices = {m.device for m in self.models.values() if m.device.type == "cuda"}
+        return {str(device): torch.cuda.memory_allocated(device) for device in devices}
 
     @classmethod
     def load(cls, settings: Settings) -> Registry:

@@ -8,13 +8,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.imaging import encode_png, neighbours_grid_png, to_base64
-from app.responses import JSON, PNG, negotiate
-from app.routes import error_responses, image_content
-from app.routes.generate import DigitQuery, Invert
-from app.schemas import SimilarJSON
-from app.state import ModelDep, StateDep
-from app.uploads import multipart_body, read_images
+from app.http.responses import JSON, PNG, negotiate
+from app.http.routes import error_responses, image_content
+from app.http.routes.generate import DigitQuery, Invert
+from app.http.schemas import SimilarJSON
+from app.http.state import ModelDep, StateDep
+from app.http.uploads import multipart_body, read_images
+from app.service.imaging import encode_png, neighbours_grid_png, to_base64
 
 router = APIRouter(tags=["analysis"])
 MAX_K = 64

@@ -9,13 +9,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.imaging import Images, heatmap_png, pairs_grid_png, to_base64
-from app.responses import JSON, PNG, images_json, negotiate
-from app.routes import error_responses, image_content
-from app.routes.generate import DigitQuery, Invert
-from app.schemas import AnomalyJSON, EncodeJSON, ReconstructJSON
-from app.state import ModelDep, StateDep
-from app.uploads import multipart_body, read_images
+from app.http.responses import JSON, PNG, images_json, negotiate
+from app.http.routes import error_responses, image_content
+from app.http.routes.generate import DigitQuery, Invert
+from app.http.schemas import AnomalyJSON, EncodeJSON, ReconstructJSON
+from app.http.state import ModelDep, StateDep
+from app.http.uploads import multipart_body, read_images
+from app.service.imaging import Images, heatmap_png, pairs_grid_png, to_base64
 
 router = APIRouter(tags=["analysis"])
 UPLOAD_ERRORS = error_responses(400, 404, 408, 413, 415, 422, 503, 504)

@@ -4,7 +4,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.schemas import ErrorBody
+from app.http.schemas import ErrorBody
 
 
 class ValidationErrorBody(BaseModel):

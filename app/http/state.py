@@ -5,16 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
-import torch
 from fastapi import Depends, Query, Request
 
-from app.batching import MicroBatcher
 from app.errors import NotReady
+from app.http.v2_models import V2Model
 from app.metrics import Metrics
-from app.predict import ModelHandle
-from app.registry import Registry
+from app.service.batching import MicroBatcher
+from app.service.predict import ModelHandle
+from app.service.registry import Registry
 from app.settings import Settings
-from app.v2_models import V2Model
 
 
 @dataclass
@@ -28,10 +27,9 @@ class ServiceState:
 
     def observe_gpu_memory(self) -> None:
         """vae_gpu_memory_allocated_bytes of each GPU a model is on, now (before a scrape)."""
-        if torch.cuda.is_available() and self.registry is not None:
-            devices = {m.device for m in self.registry.models.values() if m.device.type == "cuda"}
-            for device in devices:
-                self.metrics.gpu_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
+        if self.registry is not None:
+            for device, allocated in self.registry.gpu_memory_allocated().items():
+                self.metrics.gpu_memory.labels(device).set(allocated)
 
     def handle(self, model: str | None) -> ModelHandle:
         if not self.ready or self.registry is None:

@@ -9,19 +9,19 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import InvalidInput
-from app.imaging import decode_base64_image
-from app.predict import Endpoint, Generated, PriorName, draw_seed
-from app.responses import image_response
-from app.routes import error_responses, image_content
-from app.schemas import (
+from app.http.responses import image_response
+from app.http.routes import error_responses, image_content
+from app.http.schemas import (
     DecodeRequest,
     GeneratedJSON,
     InterpolateRequest,
     InterpolationEnd,
     InterpolationJSON,
 )
-from app.state import ModelDep, ModelQuery, StateDep, service
-from app.uploads import multipart_body, read_images
+from app.http.state import ModelDep, ModelQuery, StateDep, service
+from app.http.uploads import multipart_body, read_images
+from app.service.imaging import decode_base64_image
+from app.service.predict import Endpoint, Generated, PriorName, draw_seed
 
 router = APIRouter(tags=["generation"])
 

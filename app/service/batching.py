@@ -17,7 +17,7 @@ from torch import Tensor
 from app.errors import Overloaded, ServiceError, ShuttingDown, Unavailable
 from app.metrics import Metrics
 
-logger = logging.getLogger("app.batching")
+logger = logging.getLogger("app.service.batching")
 
 Inputs = dict[str, Tensor]
 RunBatch = Callable[[str, Inputs], Inputs]

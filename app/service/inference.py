@@ -8,68 +8,21 @@ model, so batching, device placement and out-of-memory handling live here.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from app.errors import InferenceFailed, PayloadTooLarge
-from app.registry import LoadedModel
+from app.service.faults import FAULT_INPUT, inject_fault
+from app.service.registry import LoadedModel
 from models import VAE
 from models.vae import SAMPLE_ROUNDS
 
-logger = logging.getLogger("app.inference")
+logger = logging.getLogger("app.service.inference")
 Inputs = dict[str, Tensor]
 NO_DIGIT = -1  # in a "digit" input: let the model predict it
-
-# Test hooks (VAE_ENABLE_TEST_HOOKS only; see app.middleware.FaultInjectionMiddleware). The
-# fault a request asks for travels with its job as one more input column, one value per
-# image, so the batcher can batch, split and retry it like any other input.
-FAULT_INPUT = "fault"
-FAULT_RAISE = -1.0
-FAULT_OOM = -2.0
-MAX_FAULT_DELAY_S = 60.0
-# The fault of the request being handled: None when test hooks are off, 0.0 for no fault.
-requested_fault: ContextVar[float | None] = ContextVar("requested_fault", default=None)
-
-
-class InjectedFault(RuntimeError):
-    """The forward-pass failure that the `raise` test fault asks for."""
-
-
-def parse_fault(value: str) -> float:
-    """An X-Test-Fault header value (`raise`, `oom`, `slow=<seconds>`) as a fault code."""
-    text = value.strip().lower()
-    if text == "raise":
-        return FAULT_RAISE
-    if text == "oom":
-        return FAULT_OOM
-    kind, _, seconds = text.partition("=")
-    if kind == "slow":
-        try:
-            delay = float(seconds)
-        except ValueError:
-            delay = -1.0
-        if 0.0 < delay <= MAX_FAULT_DELAY_S:
-            return delay
-    raise ValueError(
-        f"X-Test-Fault {value!r} is not a fault; use raise, oom or "
-        f"slow=<seconds, 0 < s <= {MAX_FAULT_DELAY_S:g}>"
-    )
-
-
-def _inject_fault(codes: Tensor) -> None:
-    """Misbehave as the batch's faulty jobs ask: sleep the longest delay, then raise."""
-    delay = float(codes.clamp(min=0.0).max()) if codes.numel() else 0.0
-    if delay > 0.0:
-        time.sleep(delay)
-    if bool((codes == FAULT_RAISE).any()):
-        raise InjectedFault("test fault: this forward pass was asked to raise (X-Test-Fault)")
-    if bool((codes == FAULT_OOM).any()):
-        raise torch.OutOfMemoryError("test fault: simulated out of memory (X-Test-Fault)")
 
 
 def _resolve_digits(model: VAE, x: Tensor, digit: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,7 +123,7 @@ def run_op(entry: LoadedModel, op: str, inputs: Inputs) -> Inputs:
     with torch.inference_mode():
         try:
             if fault is not None:
-                _inject_fault(fault)
+                inject_fault(fault)
                 inputs = {k: v for k, v in inputs.items() if k != FAULT_INPUT}
             on_device = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
             if op == "similar":  # reads the entry's latent index as well as its model

@@ -1,5 +1,5 @@
 """API keys and their roles, read from VAE_API_KEYS or a keys file and kept only as SHA-256
-digests. `python -m app.api_keys ID [--role admin]` makes a key and its line for the keys file."""
+digests. `python -m app.http.api_keys ID [--role admin]` makes a key and its keys-file line."""
 
 from __future__ import annotations
 
@@ -57,15 +57,15 @@ def keys_from_setting(value: str) -> list[ApiKey]:
         if len(key) < MIN_KEY_CHARS:
             raise KeyConfigError(
                 f"{where} ({key_id}): the key is shorter than {MIN_KEY_CHARS} characters; "
-                "make one with `python -m app.api_keys ID`"
+                "make one with `python -m app.http.api_keys ID`"
             )
         keys.append(ApiKey(key_id, role, digest_of(key)))
     return keys
 
 
 def keys_from_file(path: Path) -> list[ApiKey]:
-    """A keys file: one `ID ROLE sha256:HEX` line per key (`python -m app.api_keys` prints them);
-    blank lines and # comments are skipped. It holds digests only, never keys."""
+    """A keys file: one `ID ROLE sha256:HEX` line per key (`python -m app.http.api_keys`
+    prints them); blank lines and # comments are skipped. It holds digests only, never keys."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -81,7 +81,7 @@ def keys_from_file(path: Path) -> list[ApiKey]:
         if match is None:
             raise KeyConfigError(
                 f"{where} is not `ID ROLE sha256:HEX` (64 lowercase hex digits of the key's "
-                "SHA-256); `python -m app.api_keys ID` prints such a line"
+                "SHA-256); `python -m app.http.api_keys ID` prints such a line"
             )
         _checked(parts[0], parts[1], where)
         keys.append(ApiKey(parts[0], parts[1], bytes.fromhex(match.group(1))))
@@ -119,7 +119,7 @@ class KeyRing:
 
 def main(argv: list[str] | None = None) -> int:
     """Make a key: prints the key (give it to the client, once) and its keys-file line."""
-    parser = argparse.ArgumentParser(prog="python -m app.api_keys", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m app.http.api_keys", description=main.__doc__)
     parser.add_argument("key_id", help="a name for the key: 1-64 of A-Z a-z 0-9 _ . -")
     parser.add_argument("--role", choices=ROLES, default=USER)
     args = parser.parse_args(argv)

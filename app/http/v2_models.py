@@ -10,17 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any, cast, get_args
 
 import numpy as np
-import torch
 
 from app.errors import BadRequest, ModelNotFound, PayloadTooLarge
-from app.imaging import IMAGE_SIDE
-from app.inference import one_hot
+from app.http.schemas import MAX_LATENT_VALUE
+from app.http.v2_protocol import DecodedRequest, OutputTensor, ParameterValue
 from app.metrics import Metrics
-from app.predict import ModelHandle, PriorName, draw_seed
-from app.registry import LoadedModel, Registry
-from app.schemas import MAX_LATENT_VALUE
+from app.service.imaging import IMAGE_SIDE
+from app.service.predict import ModelHandle, PriorName, draw_seed
+from app.service.registry import LoadedModel, Registry
 from app.settings import Settings
-from app.v2_protocol import DecodedRequest, OutputTensor, ParameterValue
 
 VERSION = "1"  # each checkpoint is served as one version; a new checkpoint is a new rollout
 PLATFORM = "pytorch"
@@ -272,13 +270,13 @@ def _rows(array: np.ndarray, name: str, limit: int, setting: str) -> int:
     return rows
 
 
-def _finite(array: np.ndarray, name: str) -> torch.Tensor:
+def _finite(array: np.ndarray, name: str) -> np.ndarray:
     if not np.isfinite(array).all():
         raise BadRequest(f"input {name!r} holds NaN or infinite values")
-    return torch.from_numpy(array)
+    return array
 
 
-def _images(tensors: dict[str, np.ndarray], context: Context) -> torch.Tensor:
+def _images(tensors: dict[str, np.ndarray], context: Context) -> np.ndarray:
     """The `images` input as (N, 1, 28, 28), checked: pixel values in [0, 1], within limits."""
     images = tensors["images"]
     _rows(images, "images", context.settings.max_files, "VAE_MAX_FILES")
@@ -300,11 +298,8 @@ async def _decode(tensors: dict[str, np.ndarray], context: Context) -> Result:
     handle = context.handle
     z = tensors["z"]
     _rows(z, "z", context.settings.max_samples, "VAE_MAX_SAMPLES")
-    labels = None
-    if handle.num_classes is not None:
-        digits = _digits(tensors)
-        handle.check_digit(digits)
-        labels = one_hot(torch.tensor(digits), handle.num_classes)
+    digits = _digits(tensors) if handle.num_classes is not None else None
+    handle.check_digit(digits)
     latents = _finite(z, "z")
     if z.size and np.abs(z).max() > MAX_LATENT_VALUE:
         # REST /decode's cap: past it float32 sums overflow into NaN images.
@@ -312,7 +307,7 @@ async def _decode(tensors: dict[str, np.ndarray], context: Context) -> Result:
             f"input 'z' must hold values in [-{MAX_LATENT_VALUE:g}, {MAX_LATENT_VALUE:g}], as "
             f"/decode's; got {np.abs(z).max():g}"
         )
-    images = await handle.decode(latents, labels)
+    images = await handle.decode_latents(latents, digits)
     return {"images": images[:, 0].numpy()}, {}
 
 

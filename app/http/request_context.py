@@ -21,7 +21,7 @@ _VALID = re.compile(rb"[!-~]{1,128}")
 NO_REQUEST = "-"
 
 current_request_id: ContextVar[str] = ContextVar("request_id", default=NO_REQUEST)
-# The id of the API key the request came with (app.auth), never the key.
+# The id of the API key the request came with (app.http.auth), never the key.
 current_key_id: ContextVar[str] = ContextVar("key_id", default=NO_REQUEST)
 
 

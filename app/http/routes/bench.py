@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.imaging import gradient_png
-from app.responses import PNG
-from app.state import StateDep
-from app.uploads import read_images
+from app.http.responses import PNG
+from app.http.state import StateDep
+from app.http.uploads import read_images
+from app.service.imaging import gradient_png
 
 router = APIRouter(prefix="/bench", tags=["benchmark"])
 

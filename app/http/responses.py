@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.imaging import encode_gif, encode_png, make_grid_png, to_base64
+from app.service.imaging import Images, encode_gif, encode_png, make_grid_png, to_base64
 
 PNG, GIF, JSON = "image/png", "image/gif", "application/json"
 # Encoding one small PNG (28x28: ~40 us) is cheaper on the event loop than the hop to a worker
@@ -42,13 +41,13 @@ def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
     return best
 
 
-def images_json(images: torch.Tensor) -> list[str]:
+def images_json(images: Images) -> list[str]:
     return [to_base64(encode_png(image)) for image in images]
 
 
 async def image_response(
     request: Request,
-    images: torch.Tensor,
+    images: Images,
     *,
     nrow: int,
     meta: dict[str, Any],

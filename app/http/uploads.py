@@ -6,14 +6,13 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
-import torch
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedImage
-from app.imaging import decode_image
+from app.service.imaging import Images, decode_images
 from app.settings import Settings
 
 FIELD = "file"
@@ -45,7 +44,7 @@ def multipart_body(many: bool) -> dict[str, Any]:
 
 async def read_images(
     request: Request, settings: Settings, *, invert: bool, many: bool = True
-) -> torch.Tensor:
+) -> Images:
     """The uploaded images as (N, 1, 28, 28) floats in [0, 1]."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
@@ -71,7 +70,14 @@ async def read_images(
     finally:
         # Uploads are spooled to temporary files: close them now, not at garbage collection.
         await form.close()
-    return await run_in_threadpool(_decode_all, blobs, settings, invert)
+    return await run_in_threadpool(
+        decode_images,
+        blobs,
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_image_pixels,
+        invert=invert,
+        field=FIELD,
+    )
 
 
 class _CompleteMultiPartParser(MultiPartParser):
@@ -118,22 +124,3 @@ async def _read_parts(parts: list[UploadFile | str], settings: Settings) -> list
             )
         blobs.append(await part.read(settings.max_upload_bytes + 1))
     return blobs
-
-
-def _decode_all(blobs: list[bytes], settings: Settings, invert: bool) -> torch.Tensor:
-    images = []
-    for index, data in enumerate(blobs):
-        try:
-            images.append(
-                decode_image(
-                    data,
-                    max_bytes=settings.max_upload_bytes,
-                    max_pixels=settings.max_image_pixels,
-                    invert=invert,
-                )
-            )
-        except (UnsupportedImage, PayloadTooLarge) as exc:
-            if len(blobs) > 1:
-                exc.detail = f"'{FIELD}' #{index}: {exc.detail}"
-            raise
-    return torch.stack(images)

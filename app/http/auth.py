@@ -9,11 +9,11 @@ import time
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api_keys import ADMIN, USER, KeyRing
 from app.errors import error_body
+from app.http.api_keys import ADMIN, USER, KeyRing
+from app.http.middleware import OPERATIONS_PATHS
+from app.http.request_context import current_key_id
 from app.metrics import Metrics
-from app.middleware import OPERATIONS_PATHS
-from app.request_context import current_key_id
 
 # The page and the API's own description load without a key (the page then asks for one).
 PAGE_PATHS = frozenset({"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
