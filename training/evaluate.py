@@ -116,25 +116,44 @@ def anomaly_scores(model: VAE, images: Tensor, batch_size: int = 500) -> Tensor:
     return torch.cat(scores).double().cpu()
 
 
+def plotting_position_quantile(scores: Tensor, levels: Tensor) -> Tensor:
+    """Quantiles (L,) of scores (N,) at levels (L,) in [0, 1], the k-th smallest of N scores
+    read as the k / (N + 1) quantile and interpolated between (clamped to the smallest and the
+    largest). A fresh score from the same distribution exceeds the k-th smallest with chance
+    1 - k / (N + 1) on average, so the threshold at level 1 - fpr flags a share fpr of fresh
+    digits on average. torch.quantile's default reads it as the (k - 1) / (N - 1) quantile:
+    its 99th percentile of 400 validation scores sits almost one order statistic lower (in
+    the widely spaced tail) and flags 1.25% of fresh digits on average (measured: 1.24-1.25%
+    over 1,000 random 400 / 1,000 cuts of the validation and test digits, three seeds)."""
+    ordered = scores.double().sort().values
+    position = (levels.double() * (len(ordered) + 1)).clamp(1, len(ordered)) - 1  # 0-based
+    below = position.floor().long()
+    above = position.ceil().long()
+    return ordered[below] + (position - below) * (ordered[above] - ordered[below])
+
+
 @torch.no_grad()
 def calibrate_anomaly(
     model: VAE, data: MNISTData, fpr: float, batch_size: int = 500
 ) -> dict[str, Any]:
     """Fit the anomaly reference on the train split, then set the threshold that flags a share
-    `fpr` of the (unseen) validation split; test_fpr checks that share on the test split."""
+    `fpr` of unseen digits on average, from the validation split's scores
+    (plotting_position_quantile); test_fpr checks that share on the test split."""
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"fpr must be strictly between 0 and 1, got {fpr}")
     model.eval()
     model.fit_anomaly_reference(to_float(data.train.images), batch_size=batch_size)
     validation = anomaly_scores(model, data.val.images, batch_size)
-    threshold = float(torch.quantile(validation, 1.0 - fpr))
-    quantiles = torch.quantile(validation, torch.linspace(0.0, 1.0, _PERCENTILES).double())
+    threshold = float(plotting_position_quantile(validation, torch.tensor([1.0 - fpr]))[0])
+    # The same estimator, so `percentile` places the threshold at 100 * (1 - fpr).
+    quantiles = plotting_position_quantile(validation, torch.linspace(0.0, 1.0, _PERCENTILES))
     test = anomaly_scores(model, data.test.images, batch_size)
     return {
         "score_kind": ANOMALY_SCORE_KIND,
         "statistics": list(model.config.anomaly_statistics),
         "reference": "train split",
         "calibration": "validation split",
+        "quantile_rule": "plotting position k / (n + 1)",
         "fpr": fpr,
         "threshold": threshold,
         "quantiles": [float(q) for q in quantiles],
