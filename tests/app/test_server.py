@@ -318,3 +318,28 @@ def test_an_unknown_train_preset_is_refused_before_anything_runs(
     assert exited.value.code == 2
     assert "invalid choice: 'huge'" in capsys.readouterr().err
     assert _parse(["--train-preset", "tiny"]).train_preset == "tiny"
+
+
+def test_the_c_http_parser_and_loop_serve_alike(trained_checkpoint: Path, tmp_path: Path) -> None:
+    """VAE_HTTP=httptools runs uvicorn on httptools and uvloop (their C extensions are mapped
+    into the server process, which the default h11 on asyncio never loads) and answers alike."""
+
+    def mapped(pid: int) -> str:
+        return Path(f"/proc/{pid}/maps").read_text()
+
+    for http_setting, loaded in (("h11", False), ("httptools", True)):
+        app = start_app(
+            tmp_path / f"{http_setting}.log",
+            "--checkpoints",
+            str(trained_checkpoint),
+            ready_within_s=READY_WITHIN_S,
+            settings={"http": http_setting},
+        )
+        try:
+            with httpx2.Client(base_url=app.base, timeout=30) as http:
+                sample = http.post("/sample", params={"digit": 7, "seed": 3})
+                assert sample.status_code == 200 and sample.headers["x-seed"] == "3"
+            maps = mapped(app.process.pid)
+            assert ("uvloop" in maps and "httptools" in maps) is loaded, http_setting
+        finally:
+            stop_app(app)
