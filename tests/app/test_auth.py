@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from app_testing import (
     JSON_ACCEPT,
     REPO,
@@ -214,3 +215,19 @@ def test_the_readme_tritonclient_example_with_a_key_works_as_printed(
         stop_app(server)
     assert result.returncode == 0, result.stderr
     assert result.stdout == printed
+
+
+def test_the_readme_ray_serve_snippet_fits_the_serve_config() -> None:
+    """The README's Serve config fragment for keys sits where deploy/ray/serve.yaml keeps the
+    replicas' settings, and names a setting the app has."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("### Operations: API keys")
+    (snippet,) = re.findall(r"```yaml\n(.*?)```", text[start : text.index("\n## ", start)], re.S)
+    (application,) = yaml.safe_load(snippet)["applications"]
+    shipped = yaml.safe_load((REPO / "deploy/ray/serve.yaml").read_text())["applications"]
+    assert application["name"] in {app["name"] for app in shipped}
+    (variables,) = [app["runtime_env"]["env_vars"] for app in shipped if app["name"] == "vae"]
+    assert "VAE_CHECKPOINTS" in variables  # the same place the shipped settings live
+    for name in application["runtime_env"]["env_vars"]:
+        assert name.startswith("VAE_")
+        assert name.removeprefix("VAE_").lower() in Settings.model_fields
