@@ -19,9 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from app.errors import CLIENT_CLOSED_REQUEST, ServiceError, Unavailable, error_body
+from app.errors import CLIENT_CLOSED_REQUEST, V2_PREFIX, ServiceError, Unavailable, error_body
 from app.http.api_keys import KeyRing
 from app.http.auth import ApiKeyMiddleware, RateLimiter
+from app.http.content_coding import ContentCodingMiddleware
 from app.http.middleware import (
     BodySizeLimitMiddleware,
     BodyTimeoutMiddleware,
@@ -30,7 +31,7 @@ from app.http.middleware import (
     MetricsMiddleware,
 )
 from app.http.request_context import RequestIdMiddleware
-from app.http.routes import analyze, bench, generate, similar, system, ui, v2
+from app.http.routes import analyze, bench, generate, similar, system, ui, v2, v2_triton
 from app.http.state import ServiceState
 from app.http.v2_models import catalog
 from app.metrics import Metrics
@@ -112,12 +113,21 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         lifespan=lifespan,
     )
     app.state.service = state
-    for module in (generate, analyze, similar, system, ui, v2):
+    # v2_triton first: its GET /v2/models/stats would otherwise match v2's /v2/models/{name}.
+    for module in (generate, analyze, similar, system, ui, v2_triton, v2):
         app.include_router(module.router)
     app.mount(ui.STATIC_PATH, ui.static_files(), name="static")
     if settings.enable_bench_routes:
         app.include_router(bench.router)
     _install_error_handlers(app, state)
+    # Inside the body size limit, which so bounds the compressed bytes; this one bounds the
+    # inflated ones.
+    app.add_middleware(
+        ContentCodingMiddleware,
+        prefix=V2_PREFIX,
+        limit=settings.max_json_bytes,
+        setting="VAE_MAX_JSON_BYTES",
+    )
     app.add_middleware(
         BodySizeLimitMiddleware,
         # Room for the most files at the most bytes each, plus the multipart framing.

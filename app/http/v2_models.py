@@ -4,7 +4,9 @@ so through the same micro-batcher, limits and metrics as the REST routes."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast, get_args
@@ -15,9 +17,11 @@ from app.errors import BadRequest, ModelNotFound, PayloadTooLarge
 from app.http.schemas import MAX_LATENT_VALUE
 from app.http.v2_protocol import DecodedRequest, OutputTensor, ParameterValue
 from app.metrics import Metrics
+from app.service.batching import RequestTimeout
 from app.service.imaging import IMAGE_SIDE
 from app.service.predict import ModelHandle, PriorName, draw_seed
 from app.service.registry import LoadedModel, Registry
+from app.service.stats import InferenceStats, recording
 from app.settings import Settings
 
 VERSION = "1"  # each checkpoint is served as one version; a new checkpoint is a new rollout
@@ -25,6 +29,10 @@ PLATFORM = "pytorch"
 OPS = ("decode", "sample", "encode", "anomaly")
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 2.0
+# tritonclient's `timeout=`: the request's deadline in microseconds (0: the server's own).
+# Every other request parameter an op does not take (`priority`, `sequence_id`, MLServer's
+# `content_type`, ...) is passed over, as KServe ignores them and Triton passes them on.
+TIMEOUT = "timeout"
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,10 @@ class TensorSpec:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def configure(self) -> dict[str, Any]:
+        """The tensor as Triton's model configuration gives it."""
+        return {"name": self.name, "data_type": f"TYPE_{self.datatype}", "dims": list(self.shape)}
 
     def __str__(self) -> str:
         return f"{self.name} ({self.datatype} {list(self.shape)})"
@@ -58,6 +70,7 @@ class V2Model:
     outputs: tuple[TensorSpec, ...]
     required: frozenset[str] = frozenset()
     parameters: tuple[str, ...] = ()  # the request parameters it takes
+    stats: InferenceStats = field(default_factory=InferenceStats, compare=False, repr=False)
 
     def metadata(self) -> dict[str, Any]:
         """GET /v2/models/{name}: the protocol's $metadata_model_response."""
@@ -67,6 +80,31 @@ class V2Model:
             "platform": PLATFORM,
             "inputs": [spec.describe() for spec in self.inputs],
             "outputs": [spec.describe() for spec in self.outputs],
+        }
+
+    def config(self, settings: Settings) -> dict[str, Any]:
+        """GET /v2/models/{name}/config: Triton's model configuration, as its JSON. No implicit
+        batch dimension (max_batch_size 0): the shapes are the metadata's, -1 where any size
+        goes, and the server batches requests together by itself (dynamic_batching)."""
+        device = self.entry.device
+        group: dict[str, Any] = {"name": self.name, "count": 1}
+        if device.type == "cuda":
+            group.update(kind="KIND_GPU", gpus=[device.index or 0])
+        else:
+            group["kind"] = "KIND_CPU"
+        return {
+            "name": self.name,
+            "platform": PLATFORM,
+            "max_batch_size": 0,
+            "input": [
+                {**spec.configure(), "optional": spec.name not in self.required}
+                for spec in self.inputs
+            ],
+            "output": [spec.configure() for spec in self.outputs],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": round(settings.max_batch_wait_ms * 1000)
+            },
+            "instance_group": [group],
         }
 
 
@@ -182,15 +220,31 @@ async def infer(
     settings: Settings,
     metrics: Metrics,
 ) -> tuple[list[OutputTensor], dict[str, ParameterValue]]:
-    """Check the request against the model's tensors, run its op, pick the wanted outputs."""
+    """Check the request against the model's tensors, run its op within the request's
+    deadline, pick the wanted outputs; counted in the model's statistics."""
+    started = time.perf_counter_ns()
+    token = recording.set(model.stats)
+    try:
+        outputs, parameters, rows = await _run(model, request, handle, settings, metrics)
+    except Exception:
+        model.stats.finished(time.perf_counter_ns() - started, rows=None)
+        raise
+    finally:
+        recording.reset(token)
+    model.stats.finished(time.perf_counter_ns() - started, rows=rows)
+    return outputs, parameters
+
+
+async def _run(
+    model: V2Model,
+    request: DecodedRequest,
+    handle: ModelHandle,
+    settings: Settings,
+    metrics: Metrics,
+) -> tuple[list[OutputTensor], dict[str, ParameterValue], int]:
+    """The outputs, the response parameters and the number of rows (images, latents)."""
     tensors = _checked_inputs(model, request)
-    unknown = sorted(set(request.parameters) - set(model.parameters))
-    if unknown:
-        takes = ", ".join(model.parameters) or "none"
-        raise BadRequest(
-            f"model {model.name!r} takes no parameter {unknown[0]!r}; the parameters it takes: "
-            f"{takes}"
-        )
+    deadline_s = _deadline_s(request.parameters.get(TIMEOUT))
     specs = {spec.name: spec for spec in model.outputs}
     wanted = request.outputs
     if wanted is None:
@@ -201,13 +255,37 @@ async def infer(
                 f"model {model.name!r} has no output {name!r}; its outputs: "
                 f"{', '.join(map(str, model.outputs))}"
             )
-    context = Context(handle, settings, metrics, dict(request.parameters))
-    outputs, parameters = await RUNS[model.op](tensors, context)
+    options = {k: v for k, v in request.parameters.items() if k in model.parameters}
+    context = Context(handle, settings, metrics, options)
+    deadline = asyncio.timeout(deadline_s)
+    try:
+        async with deadline:
+            outputs, parameters = await RUNS[model.op](tensors, context)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise RequestTimeout(
+            f"the request passed its deadline of {deadline_s:g} s (its {TIMEOUT!r} parameter) "
+            f"waiting for model {model.name!r}; give it more time, or retry"
+        ) from None
     chosen = [
         OutputTensor(name, specs[name].datatype, outputs[name], binary)
         for name, binary in wanted.items()
     ]
-    return chosen, parameters
+    return chosen, parameters, len(next(iter(outputs.values())))
+
+
+def _deadline_s(timeout: ParameterValue | None) -> float | None:
+    """The `timeout` parameter (microseconds; 0 or none: only the server's own deadline,
+    VAE_REQUEST_TIMEOUT_S, which applies either way) in seconds."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+        raise BadRequest(
+            f"parameter {TIMEOUT!r} must be the request's deadline in microseconds, an integer "
+            f">= 0 (0: the server's own), got {timeout!r}"
+        )
+    return timeout / 1e6 if timeout else None
 
 
 def _checked_inputs(model: V2Model, request: DecodedRequest) -> dict[str, np.ndarray]:

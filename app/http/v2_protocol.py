@@ -106,7 +106,8 @@ class InferenceRequest(BaseModel):
 
     id: StrictStr | None = None
     parameters: Parameters | None = None
-    inputs: list[RequestInput] = Field(min_length=1, max_length=MAX_TENSORS)
+    # Empty for an op that takes everything it needs as parameters (-sample).
+    inputs: list[RequestInput] = Field(max_length=MAX_TENSORS)
     outputs: list[RequestOutput] | None = Field(default=None, max_length=MAX_TENSORS)
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from app.errors import Overloaded, ServiceError, ShuttingDown, Unavailable
 from app.metrics import Metrics
+from app.service.stats import InferenceStats, record_pass, recording
 
 logger = logging.getLogger("app.service.batching")
 
@@ -36,7 +37,8 @@ class _Job:
     inputs: Inputs
     images: int
     future: asyncio.Future[Inputs]
-    enqueued: float = field(default_factory=time.perf_counter)
+    stats: InferenceStats | None = None  # what the request counts into (v2's statistics)
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
 
 
 class MicroBatcher:
@@ -113,7 +115,7 @@ class MicroBatcher:
                 f"{self._max_queue}); retry shortly",
                 retry_after=1,
             )
-        job = _Job(op, inputs, images, asyncio.get_running_loop().create_future())
+        job = _Job(op, inputs, images, asyncio.get_running_loop().create_future(), recording.get())
         self._pending.append(job)
         self._queued_images += images
         self._metrics.queue_depth.labels(self.name).set(self._queued_images)
@@ -167,8 +169,12 @@ class MicroBatcher:
 
     async def _run_jobs(self, jobs: list[_Job]) -> None:
         op = jobs[0].op
+        began = time.perf_counter_ns()
+        for job in jobs:
+            if job.stats is not None:
+                job.stats.queue.add(began - job.enqueued_ns)
         try:
-            outputs = await self._forward(op, [j.inputs for j in jobs])
+            outputs = await self._forward(op, jobs)
         except Exception as exc:
             if len(jobs) == 1:
                 _fail(jobs[0], exc)
@@ -176,26 +182,32 @@ class MicroBatcher:
             # One bad request must not fail the others it was batched with: retry alone.
             for job in jobs:
                 try:
-                    _succeed(job, await self._forward(op, [job.inputs]))
+                    (alone,) = await self._forward(op, [job])
+                    _succeed(job, alone)
                 except Exception as single_exc:
                     _fail(job, single_exc)
             return
-        start = 0
-        for job in jobs:
-            _succeed(job, {k: v[start : start + job.images] for k, v in outputs.items()})
-            start += job.images
+        for job, output in zip(jobs, outputs, strict=True):
+            _succeed(job, output)
 
-    async def _forward(self, op: str, parts: list[Inputs]) -> Inputs:
-        inputs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    async def _forward(self, op: str, jobs: list[_Job]) -> list[Inputs]:
+        """One forward pass over the jobs' inputs joined; each job's rows of the outputs."""
+        began = time.perf_counter_ns()
+        inputs = {k: torch.cat([j.inputs[k] for j in jobs]) for k in jobs[0].inputs}
         images = next(iter(inputs.values())).shape[0]
-        started = time.perf_counter()
+        joined = time.perf_counter_ns()
         loop = asyncio.get_running_loop()
         outputs = await loop.run_in_executor(self._executor, self._run, op, inputs)
-        self._metrics.inference_duration.labels(self.name, op).observe(
-            time.perf_counter() - started
-        )
+        ran = time.perf_counter_ns()
+        self._metrics.inference_duration.labels(self.name, op).observe((ran - joined) / 1e9)
         self._metrics.batch_size.labels(self.name, op).observe(images)
-        return outputs
+        parts, start = [], 0
+        for job in jobs:
+            parts.append({k: v[start : start + job.images] for k, v in outputs.items()})
+            start += job.images
+        split = time.perf_counter_ns() - ran
+        record_pass((j.stats for j in jobs), images, joined - began, ran - joined, split)
+        return parts
 
 
 def _succeed(job: _Job, outputs: Inputs) -> None:

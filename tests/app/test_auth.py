@@ -3,6 +3,9 @@ role, 429 past a key's rate, open probes and page, keys from the setting or a ha
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,7 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_testing import JSON_ACCEPT, files, metric, metrics_text, png_of
+import yaml
+from app_testing import (
+    JSON_ACCEPT,
+    REPO,
+    files,
+    metric,
+    metrics_text,
+    png_of,
+    start_app,
+    stop_app,
+)
 from conftest import serve
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -169,3 +182,52 @@ def test_unusable_keys_files_fail_at_startup(trained_checkpoint: Path, tmp_path:
     plain.write_text(f"alice user {USER_KEY}\n")  # a key where its digest belongs
     with pytest.raises(ValidationError, match="line 1 is not `ID ROLE sha256:HEX`"):
         Settings(checkpoints=str(trained_checkpoint), api_keys_file=plain)
+
+
+@pytest.mark.slow
+def test_the_readme_tritonclient_example_with_a_key_works_as_printed(
+    trained_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The Python block of the README's API keys section, run against a real `python -m app`
+    with keys set, prints what the README says it prints."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("### Operations: API keys")
+    section = text[start : text.index("\n## ", start)]
+    (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (printed, *_) = re.findall(r"```text\n(.*?)```", section[section.index(example) :], re.S)
+    default = shutil.copytree(trained_checkpoint, tmp_path / "default")
+    server = start_app(
+        tmp_path / "server.log",
+        "--checkpoints", str(default), "--device", "cpu",
+        ready_within_s=120, settings={"api_keys": KEYS},
+    )  # fmt: skip
+    try:
+        script = tmp_path / "example.py"
+        script.write_text(example.replace("localhost:8000", f"127.0.0.1:{server.port}"))
+        result = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "KEY": USER_KEY},
+        )
+    finally:
+        stop_app(server)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == printed
+
+
+def test_the_readme_ray_serve_snippet_fits_the_serve_config() -> None:
+    """The README's Serve config fragment for keys sits where deploy/ray/serve.yaml keeps the
+    replicas' settings, and names a setting the app has."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("### Operations: API keys")
+    (snippet,) = re.findall(r"```yaml\n(.*?)```", text[start : text.index("\n## ", start)], re.S)
+    (application,) = yaml.safe_load(snippet)["applications"]
+    shipped = yaml.safe_load((REPO / "deploy/ray/serve.yaml").read_text())["applications"]
+    assert application["name"] in {app["name"] for app in shipped}
+    (variables,) = [app["runtime_env"]["env_vars"] for app in shipped if app["name"] == "vae"]
+    assert "VAE_CHECKPOINTS" in variables  # the same place the shipped settings live
+    for name in application["runtime_env"]["env_vars"]:
+        assert name.startswith("VAE_")
+        assert name.removeprefix("VAE_").lower() in Settings.model_fields

@@ -45,6 +45,14 @@ def test_json_tensors_flat_or_nested() -> None:
         assert request.outputs is None and request.binary_outputs is False
 
 
+def test_no_inputs_at_all_and_parameters_of_any_name() -> None:
+    """An op that takes everything as parameters gets no inputs; parameters no op takes (here
+    tritonclient's and MLServer's) are handed on for the model to take or pass over."""
+    parameters = {"n": 3, "timeout": 5000, "priority": 1, "sequence_id": 7, "content_type": "np"}
+    request = decode_request(body([], parameters=parameters), None)
+    assert request.tensors == {} and request.parameters == parameters
+
+
 def test_binary_tensors_in_order_after_the_json() -> None:
     z = np.arange(6, dtype="<f4").reshape(2, 3) / 4
     digit = np.array([3, 9], dtype="<i8")
@@ -116,7 +124,6 @@ def test_requested_outputs_binary_each_or_by_default() -> None:
          r"inputs\.0\.shape\.0: Input should be greater than or equal to 0"),
         ([{"name": "d", "shape": [1], "datatype": "FP32", "data": [1]}] * 2, {},
          "input 'd' is given twice"),
-        ([], {}, "inputs: List should have at least 1 item"),
         ([{"name": "d", "shape": [1], "datatype": "FP32", "data": [1]}],
          {"outputs": [{"name": "x"}, {"name": "x"}]}, "output 'x' is asked for twice"),
         ([{"name": "d", "shape": [1], "datatype": "FP32", "data": [1]}],

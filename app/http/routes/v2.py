@@ -24,7 +24,7 @@ from app.http.v2_protocol import (
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 SERVER_NAME = "vae-serve"
-EXTENSIONS = ["binary_tensor_data", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "parameters", "statistics", "model_configuration"]
 # Bodies and outputs past these sizes are parsed or encoded in a worker thread, so that a
 # large JSON tensor never stalls the event loop; small ones are cheaper inline.
 INLINE_BODY_BYTES = 64 * 1024
@@ -46,6 +46,11 @@ class Liveness(BaseModel):
 
 
 class Readiness(BaseModel):
+    ready: bool
+
+
+class ModelReadiness(BaseModel):
+    name: str
     ready: bool
 
 
@@ -132,7 +137,9 @@ VERSION_PARAMETER = {
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 
-def model_route(method: str, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+def model_route(
+    method: str, path: str, *, on: APIRouter = router, **options: Any
+) -> Callable[[Endpoint], Endpoint]:
     """Register an endpoint at /v2/models/{model_name}<path> and at its twin with the optional
     /versions/{model_version} segment (which the v2_model dependency reads from the path)."""
     extra = options.pop("openapi_extra", {})
@@ -143,7 +150,7 @@ def model_route(method: str, path: str, **options: Any) -> Callable[[Endpoint], 
             ("/models/{model_name}", extra),
             ("/models/{model_name}/versions/{model_version}", versioned),
         ):
-            router.add_api_route(
+            on.add_api_route(
                 template + path,
                 endpoint,
                 methods=[method],
@@ -194,10 +201,10 @@ async def model_metadata(model: V2ModelDep) -> ModelMetadata:
     return ModelMetadata.model_validate(model.metadata())
 
 
-@model_route("GET", "/ready", response_model=Readiness, responses=_errors(404, 503))
-async def model_ready(model: V2ModelDep) -> Readiness:
+@model_route("GET", "/ready", response_model=ModelReadiness, responses=_errors(404, 503))
+async def model_ready(model: V2ModelDep) -> ModelReadiness:
     """200 when the v2 model is loaded and warmed up."""
-    return Readiness(ready=True)
+    return ModelReadiness(name=model.name, ready=True)
 
 
 @model_route("POST", "/infer", responses=INFER_RESPONSES, openapi_extra=INFER_OPENAPI)
