@@ -18,9 +18,9 @@ from app.metrics import Metrics
 from app.service.imaging import IMAGE_SIDE
 from app.service.predict import ModelHandle, PriorName, draw_seed
 from app.service.registry import LoadedModel, Registry
+from app.service.repository import ModelRepository
 from app.settings import Settings
 
-VERSION = "1"  # each checkpoint is served as one version; a new checkpoint is a new rollout
 PLATFORM = "pytorch"
 OPS = ("decode", "sample", "encode", "anomaly")
 MAX_SEED = 2**63 - 1
@@ -59,11 +59,17 @@ class V2Model:
     required: frozenset[str] = frozenset()
     parameters: tuple[str, ...] = ()  # the request parameters it takes
 
-    def metadata(self) -> dict[str, Any]:
-        """GET /v2/models/{name}: the protocol's $metadata_model_response."""
+    @property
+    def version(self) -> str:
+        """The loaded revision this is (`LoadedModel.version`)."""
+        return self.entry.version
+
+    def metadata(self, versions: list[str]) -> dict[str, Any]:
+        """GET /v2/models/{name}: the protocol's $metadata_model_response, with the versions
+        loaded (oldest first)."""
         return {
             "name": self.name,
-            "versions": [VERSION],
+            "versions": versions,
             "platform": PLATFORM,
             "inputs": [spec.describe() for spec in self.inputs],
             "outputs": [spec.describe() for spec in self.outputs],
@@ -147,17 +153,20 @@ def catalog(registry: Registry) -> dict[str, V2Model]:
     return {model.name: model for entry in registry.models.values() for model in models_of(entry)}
 
 
-def find_model(models: dict[str, V2Model], name: str, version: str | None) -> V2Model:
-    """The v2 model `name` (`<model>-<op>`) at `version` (None: its one version), or a 404."""
+def find_model(
+    models: dict[str, V2Model], name: str, version: str | None, repository: ModelRepository
+) -> V2Model:
+    """The v2 model `name` (`<model>-<op>`) at `version` (None: the latest loaded), or a 404."""
     found = models.get(name)
     if found is None:
         raise ModelNotFound(
             f"no v2 model named {name!r}; this server has {', '.join(models)} "
             f"(<model>-<op>, for the models of GET /models and the ops {', '.join(OPS)})"
         )
-    if version is not None and version != VERSION:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; its one version is 1")
-    return found
+    if version is None or version == found.version:
+        return found
+    pinned = repository.deployed(found.entry.name, version).entry  # 404 when not loaded
+    return next(model for model in models_of(pinned) if model.op == found.op)
 
 
 @dataclass
