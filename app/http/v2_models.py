@@ -22,6 +22,9 @@ from app.service.repository import ModelRepository
 from app.settings import Settings
 
 PLATFORM = "pytorch"
+# Before versions named revisions, each model had the one version "1": a client that still
+# pins it gets the version serving by default (a digest is never "1").
+LEGACY_VERSION = "1"
 OPS = ("decode", "sample", "encode", "anomaly")
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 2.0
@@ -163,7 +166,7 @@ def find_model(
             f"no v2 model named {name!r}; this server has {', '.join(models)} "
             f"(<model>-<op>, for the models of GET /models and the ops {', '.join(OPS)})"
         )
-    if version is None or version == found.version:
+    if version in (None, LEGACY_VERSION, found.version):
         return found
     pinned = repository.deployed(found.entry.name, version).entry  # 404 when not loaded
     return next(model for model in models_of(pinned) if model.op == found.op)

@@ -29,7 +29,7 @@ from training.run import train
 
 pytestmark = pytest.mark.slow
 READY_WITHIN_S = 120.0
-LATENT = [0.5, -0.25, 1.0, 0.0, -1.0, 0.75, 0.1, -0.3]
+LATENT = [0.5, -0.25, 1.0, 0.0, -1.0, 0.75, 0.1, -0.3] * 4  # cut to each model's latent_dim
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,10 @@ class Answer:
 
 class MixedLoad:
     """Threads sending /sample, /anomaly-score and a v2 -decode infer until stopped, each
-    answer recorded with the version that gave it."""
+    answer recorded with the version that gave it: a steady load (each thread pauses
+    PAUSE_S between requests) that leaves the cores room for the training beside it."""
+
+    PAUSE_S = 0.02
 
     def __init__(self, base: str, model: str, digit_png: bytes, card: dict[str, Any]) -> None:
         self.base, self.model, self.png = base, model, digit_png
@@ -139,8 +142,11 @@ class MixedLoad:
                     answer = Answer(
                         started, "v2", r.status_code, data.get("model_version"), data.get("outputs")
                     )
+                if answer.status not in (200, 404):
+                    answer.payload = r.text  # what went wrong, for the assertion's message
                 with self._lock:
                     self.answers.append(answer)
+                self._stop.wait(self.PAUSE_S)
 
     def since(self, moment: float) -> list[Answer]:
         with self._lock:
@@ -233,7 +239,8 @@ def test_unload_under_load_404s_that_model_only(
             assert {a.status for a in kept.answers} == {200}
             after = gone.since(done)
             assert after and {a.status for a in after} == {404}
-            assert {a.status for a in gone.answers} <= {200, 404}
+            odd = [a for a in gone.answers if a.status not in (200, 404)]
+            assert not odd, odd[:3]
             index = http.post("/v2/repository/index").json()
             states = {row["name"]: row["state"] for row in index}
             assert states == {CONDITIONAL_NAME: "READY", UNCONDITIONAL_NAME: "UNAVAILABLE"}

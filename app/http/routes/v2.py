@@ -217,13 +217,15 @@ async def model_infer(request: Request, model_name: ModelName) -> Response:
     # The hot route takes its state and model without dependency solving (app.state.service).
     state = service(request)
     model = _find(state, model_name, request.path_params.get("model_version"))
+    # Taken before the body is awaited: a reload meanwhile retires the version found only
+    # after its requests have had their time (ModelRepository), so this one is answered by it.
+    handle = state.handle(model.entry.name, model.version)
     body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
     if len(body) > INLINE_BODY_BYTES:
         decoded = await run_in_threadpool(decode_request, body, header_length)
     else:
         decoded = decode_request(body, header_length)
-    handle = state.handle(model.entry.name, model.version)
     outputs, parameters = await infer(model, decoded, handle, state.settings, state.metrics)
     encode = (model.name, model.version, decoded.id, parameters, outputs)
     if sum(output.array.size for output in outputs) > INLINE_OUTPUT_VALUES:
