@@ -50,6 +50,13 @@ class ModelNotFound(ServiceError):
     reason = "unknown_model"
 
 
+class ManagementOff(ServiceError):
+    """Model management was asked for while VAE_MODEL_CONTROL keeps it off."""
+
+    status_code = 403
+    reason = "management_off"
+
+
 class PayloadTooLarge(ServiceError):
     """The upload is over a limit: bytes, pixels or number of files."""
 

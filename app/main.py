@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import math
@@ -31,13 +32,14 @@ from app.http.middleware import (
     MetricsMiddleware,
 )
 from app.http.request_context import RequestIdMiddleware
-from app.http.routes import analyze, bench, generate, similar, system, ui, v2, v2_triton
+from app.http.routes import analyze, bench, generate, repository, similar, system, ui, v2, v2_triton
 from app.http.state import ServiceState
-from app.http.v2_models import catalog
+from app.http.v2_models import catalog, versioned
 from app.metrics import Metrics
 from app.service.batching import MicroBatcher
 from app.service.inference import run_op, warm_up
 from app.service.registry import LoadedModel, Registry
+from app.service.repository import ModelRepository
 from app.settings import Settings
 
 logger = logging.getLogger("app")
@@ -82,15 +84,24 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = await run_in_threadpool(_prepare, state, registry)
-        for entry in loaded.models.values():
-            batcher = _batcher(entry, settings, state.metrics)
-            batcher.start()
-            state.batchers[entry.name] = batcher
-            state.metrics.model_info.labels(
-                entry.name, entry.model.config.architecture, str(entry.device)
-            ).set(1)
-        state.v2_models = catalog(loaded)
-        state.registry = loaded
+        repository = ModelRepository(
+            settings, loaded, lambda entry: _batcher(entry, settings, state.metrics), state.metrics
+        )
+        state.repository = repository
+
+        def rebuild_v2() -> None:
+            state.v2_versions = versioned(repository, state.v2_versions)
+            state.v2_models = {
+                name: state.v2_versions[(name, model.version)]
+                for name, model in catalog(loaded).items()
+            }
+
+        rebuild_v2()
+
+        repository.listeners.append(rebuild_v2)
+        poller = None
+        if settings.model_control == "poll":
+            poller = asyncio.get_running_loop().create_task(repository.poll())
         # What startup allocated (torch, the models, the app) lives as long as the process:
         # frozen, the cyclic GC stops rescanning it, which paused every request for ~200 ms
         # once per few thousand requests (p99 at c=32 went from ~140 ms to ~35 ms; bench/).
@@ -102,8 +113,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             yield
         finally:
             state.ready = False
-            for batcher in state.batchers.values():
-                await batcher.stop()
+            if poller is not None:
+                poller.cancel()
+            await repository.close()
             state.metrics.close()
 
     app = FastAPI(
@@ -114,7 +126,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     )
     app.state.service = state
     # v2_triton first: its GET /v2/models/stats would otherwise match v2's /v2/models/{name}.
-    for module in (generate, analyze, similar, system, ui, v2_triton, v2):
+    for module in (generate, analyze, similar, system, repository, ui, v2_triton, v2):
         app.include_router(module.router)
     app.mount(ui.STATIC_PATH, ui.static_files(), name="static")
     if settings.enable_bench_routes:

@@ -94,6 +94,25 @@ class Settings(BaseSettings):
         description="uvicorn's HTTP parser and event loop: `h11` on asyncio (pure Python), or "
         "`httptools` on uvloop (C; both are runtime dependencies).",
     )
+    model_control: Literal["none", "explicit", "poll"] = Field(
+        default="none",
+        description="Model management at runtime (Triton's --model-control-mode): `none` "
+        "serves what loaded at startup; `explicit` opens POST /models/{name}/load and "
+        "/unload and the v2 repository extension (the admin key's, when keys are set); `poll` "
+        "also loads each retrained checkpoint once its save completes.",
+    )
+    model_versions: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="Revisions of a model kept loaded after a reload (a request may pin one "
+        "with `version`); the newest answers requests that pin none.",
+    )
+    model_poll_interval_s: float = Field(
+        default=5.0,
+        gt=0.0,
+        description="Seconds between two looks at the checkpoint folders in the poll mode.",
+    )
     workers: int | None = Field(
         default=None,
         gt=0,
@@ -164,6 +183,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _explicit_control_has_one_worker(self) -> "Settings":
+        if self.model_control == "explicit" and (self.workers or 1) > 1:
+            raise ValueError(
+                f"VAE_MODEL_CONTROL=explicit with VAE_WORKERS={self.workers}: a load or unload "
+                "request reaches one worker process only, so the others would keep the old "
+                "model; use VAE_WORKERS=1 with explicit, or VAE_MODEL_CONTROL=poll, which every "
+                "worker follows"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _keys_are_usable(self) -> "Settings":
         keys = load_keys(self.api_keys, self.api_keys_file)  # KeyConfigError is a ValueError
         self._keys = keys
@@ -216,6 +246,8 @@ class Settings(BaseSettings):
 
     @property
     def worker_count(self) -> int:
+        if self.workers is None and self.model_control == "explicit":
+            return 1  # management requests must reach the one process that holds the models
         return self.workers or usable_cores()
 
     @property

@@ -245,6 +245,13 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def swap_in_progress(directory: str | Path) -> bool:
+    """Whether a save of `directory` is under way (or was killed): its `.NAME.new` or
+    `.NAME.old` lies beside it. A reader that waits until this is false sees a whole save."""
+    target = Path(directory)
+    return _new(target).exists() or _old(target).exists()
+
+
 def recover_checkpoint(directory: str | Path) -> Path:
     """Finish or undo a save of `directory` that a kill interrupted, if one did, and return
     the folder that holds the checkpoint: `directory`, or, where its parent cannot be written

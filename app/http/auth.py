@@ -19,7 +19,9 @@ from app.metrics import Metrics
 PAGE_PATHS = frozenset({"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PAGE_PREFIXES = ("/static/",)
 # Routes that change or probe the server itself rather than ask a model: the admin key's.
-ADMIN_PREFIXES = ("/bench/",)
+ADMIN_PREFIXES = ("/bench/", "/v2/repository/")
+# Model management: POST /models/{name}/load and /unload.
+ADMIN_SUFFIXES = ("/load", "/unload")
 
 
 class RateLimiter:
@@ -49,6 +51,8 @@ def required_role(path: str, *, open_operations: bool) -> str | None:
     if path in OPERATIONS_PATHS:  # probes and scrapes: open unless VAE_AUTH_OPERATIONS
         return None if open_operations else USER
     if path.startswith(ADMIN_PREFIXES):
+        return ADMIN
+    if path.startswith("/models/") and path.endswith(ADMIN_SUFFIXES):
         return ADMIN
     return USER
 

@@ -25,6 +25,27 @@ current_request_id: ContextVar[str] = ContextVar("request_id", default=NO_REQUES
 current_key_id: ContextVar[str] = ContextVar("key_id", default=NO_REQUEST)
 
 
+# The model version that answered the request, for its X-Model-Version header: a holder the
+# middleware puts in place, filled by ServiceState.handle (the route may run in a copy of the
+# context, where setting a variable would not reach the middleware; filling a list does).
+VERSION_HEADER = "X-Model-Version"
+_VERSION_KEY = VERSION_HEADER.lower().encode()
+_served_version: ContextVar[list[str] | None] = ContextVar("served_version", default=None)
+
+
+def record_version(model: str, version: str) -> None:
+    """Say which model version answers the request being handled (the last one asked for)."""
+    holder = _served_version.get()
+    if holder is not None:
+        holder[:] = [model, version]
+
+
+def served_version() -> tuple[str, str] | None:
+    """(model, version) recorded for the request being handled, if any."""
+    holder = _served_version.get()
+    return (holder[0], holder[1]) if holder else None
+
+
 def request_id_of(header: bytes | None) -> str:
     """The client's id when it is 1-128 printable ASCII characters, else a new UUID4 (hex)."""
     if header is not None and _VALID.fullmatch(header):
@@ -33,8 +54,9 @@ def request_id_of(header: bytes | None) -> str:
 
 
 class RequestIdMiddleware:
-    """Outermost: every response carries X-Request-ID, and whatever runs for the request (the
-    app, its error handlers, the server's access log) sees it in `current_request_id`."""
+    """Outermost: every response carries X-Request-ID (and X-Model-Version when a model
+    answered), and whatever runs for the request (the app, its error handlers, the server's
+    access log) sees the id in `current_request_id`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -45,21 +67,26 @@ class RequestIdMiddleware:
             return
         request_id = request_id_of(dict(scope["headers"]).get(_HEADER_KEY))
         token = current_request_id.set(request_id)
+        holder: list[str] = []
+        version_token = _served_version.set(holder)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [
                     (name, value)
                     for name, value in message.get("headers", [])
-                    if name.lower() != _HEADER_KEY
+                    if name.lower() not in (_HEADER_KEY, _VERSION_KEY)
                 ]
                 headers.append((_HEADER_KEY, request_id.encode("ascii")))
+                if holder:
+                    headers.append((_VERSION_KEY, holder[1].encode("ascii")))
                 message = {**message, "headers": headers}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            _served_version.reset(version_token)
             current_request_id.reset(token)
 
 

@@ -8,11 +8,12 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 
 from app.errors import NotReady
-from app.http.v2_models import V2Model
+from app.http.request_context import record_version
+from app.http.v2_models import V2Model, Versioned
 from app.metrics import Metrics
-from app.service.batching import MicroBatcher
 from app.service.predict import ModelHandle
 from app.service.registry import Registry
+from app.service.repository import ModelRepository
 from app.settings import Settings
 
 
@@ -20,10 +21,15 @@ from app.settings import Settings
 class ServiceState:
     settings: Settings
     metrics: Metrics
-    registry: Registry | None = None
-    batchers: dict[str, MicroBatcher] = field(default_factory=dict)
-    v2_models: dict[str, V2Model] = field(default_factory=dict)  # by name, built at load
+    repository: ModelRepository | None = None
+    v2_models: dict[str, V2Model] = field(default_factory=dict)  # by name, the latest versions
+    v2_versions: Versioned = field(default_factory=dict)  # every loaded version's
     ready: bool = False
+
+    @property
+    def registry(self) -> Registry | None:
+        """The latest loaded version of each model, by name."""
+        return None if self.repository is None else self.repository.registry
 
     def observe_gpu_memory(self) -> None:
         """vae_gpu_memory_allocated_bytes of each GPU a model is on, now (before a scrape)."""
@@ -31,11 +37,14 @@ class ServiceState:
             for device, allocated in self.registry.gpu_memory_allocated().items():
                 self.metrics.gpu_memory.labels(device).set(allocated)
 
-    def handle(self, model: str | None) -> ModelHandle:
-        if not self.ready or self.registry is None:
+    def handle(self, model: str | None, version: str | None = None) -> ModelHandle:
+        """The model a request names (the default when None), at the version it pins (the
+        latest when None); the version that answers is recorded for the response header."""
+        if not self.ready or self.repository is None:
             raise NotReady("models are still loading; retry when GET /readyz answers 200")
-        entry = self.registry.get(model)
-        return ModelHandle(entry, self.batchers[entry.name], self.metrics)
+        deployed = self.repository.deployed(model, version)
+        record_version(deployed.entry.name, deployed.version)
+        return ModelHandle(deployed.entry, deployed.batcher, self.metrics)
 
 
 # Dependencies and cheap handlers are `async def`: FastAPI runs a plain `def` one in its
@@ -53,10 +62,21 @@ ModelQuery = Annotated[
 ]
 
 
+VersionQuery = Annotated[
+    str | None,
+    Query(
+        description="Pin a loaded version of the model (GET /models: `versions`); default: "
+        "the newest. The response's X-Model-Version header says which version answered."
+    ),
+]
+
+
 async def get_model(
-    state: Annotated[ServiceState, Depends(get_state)], model: ModelQuery = None
+    state: Annotated[ServiceState, Depends(get_state)],
+    model: ModelQuery = None,
+    version: VersionQuery = None,
 ) -> ModelHandle:
-    return state.handle(model)
+    return state.handle(model, version)
 
 
 def service(request: Request) -> ServiceState:

@@ -21,11 +21,14 @@ from app.service.batching import RequestTimeout
 from app.service.imaging import IMAGE_SIDE
 from app.service.predict import ModelHandle, PriorName, draw_seed
 from app.service.registry import LoadedModel, Registry
+from app.service.repository import ModelRepository
 from app.service.stats import InferenceStats, recording
 from app.settings import Settings
 
-VERSION = "1"  # each checkpoint is served as one version; a new checkpoint is a new rollout
 PLATFORM = "pytorch"
+# Before versions named revisions, each model had the one version "1": a client that still
+# pins it gets the version serving by default (a digest is never "1").
+LEGACY_VERSION = "1"
 OPS = ("decode", "sample", "encode", "anomaly")
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 2.0
@@ -72,11 +75,17 @@ class V2Model:
     parameters: tuple[str, ...] = ()  # the request parameters it takes
     stats: InferenceStats = field(default_factory=InferenceStats, compare=False, repr=False)
 
-    def metadata(self) -> dict[str, Any]:
-        """GET /v2/models/{name}: the protocol's $metadata_model_response."""
+    @property
+    def version(self) -> str:
+        """The loaded revision this is (`LoadedModel.version`)."""
+        return self.entry.version
+
+    def metadata(self, versions: list[str]) -> dict[str, Any]:
+        """GET /v2/models/{name}: the protocol's $metadata_model_response, with the versions
+        loaded (oldest first)."""
         return {
             "name": self.name,
-            "versions": [VERSION],
+            "versions": versions,
             "platform": PLATFORM,
             "inputs": [spec.describe() for spec in self.inputs],
             "outputs": [spec.describe() for spec in self.outputs],
@@ -185,17 +194,41 @@ def catalog(registry: Registry) -> dict[str, V2Model]:
     return {model.name: model for entry in registry.models.values() for model in models_of(entry)}
 
 
-def find_model(models: dict[str, V2Model], name: str, version: str | None) -> V2Model:
-    """The v2 model `name` (`<model>-<op>`) at `version` (None: its one version), or a 404."""
+Versioned = dict[tuple[str, str], V2Model]  # (v2 name, version) -> the v2 model
+
+
+def versioned(repository: ModelRepository, previous: Versioned) -> Versioned:
+    """Every v2 model of every loaded version, by name and version, built when a load or an
+    unload changes them: those of versions already loaded are kept (with their statistics)."""
+    models: Versioned = {}
+    for name in repository.served:
+        for version in repository.versions(name):
+            entry = repository.deployed(name, version).entry
+            for model in models_of(entry):
+                key = (model.name, version)
+                models[key] = previous.get(key, model)
+    return models
+
+
+def find_model(
+    models: dict[str, V2Model], name: str, version: str | None, pinned: Versioned
+) -> V2Model:
+    """The v2 model `name` (`<model>-<op>`) at `version` (None: the latest loaded), or a 404."""
     found = models.get(name)
     if found is None:
         raise ModelNotFound(
             f"no v2 model named {name!r}; this server has {', '.join(models)} "
             f"(<model>-<op>, for the models of GET /models and the ops {', '.join(OPS)})"
         )
-    if version is not None and version != VERSION:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; its one version is 1")
-    return found
+    if version in (None, LEGACY_VERSION, found.version):
+        return found
+    try:
+        return pinned[(name, version)]
+    except KeyError:
+        loaded = ", ".join(v for (n, v) in pinned if n == name)
+        raise ModelNotFound(
+            f"model {name!r} has no loaded version {version!r}; loaded: {loaded}"
+        ) from None
 
 
 @dataclass

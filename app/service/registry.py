@@ -12,11 +12,13 @@ import torch
 from app.errors import ModelNotFound
 from app.settings import Settings, SettingsError
 from models import VAE, load_checkpoint
+from models.checkpoint import WEIGHTS_NAME, sha256_of
 from models.device import auto_device, cuda_problem
 from models.index import LatentIndex, load_index
 from models.prior import PRIOR_FILE, GaussianMixturePrior, checkpoint_prior
 
 logger = logging.getLogger("app.service.registry")
+VERSION_DIGITS = 12
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -60,6 +62,12 @@ class LoadedModel:
     def __post_init__(self) -> None:
         quantiles = self.metadata.get("anomaly", {}).get("quantiles") or []
         self.anomaly_quantiles = torch.tensor(quantiles, dtype=torch.float64)
+
+    @property
+    def version(self) -> str:
+        """The revision of the checkpoint this is: the first 12 hex digits of its weights'
+        sha256 (config.json's `weights_sha256`), the same in every worker that loads it."""
+        return str(self.metadata.get("weights_sha256") or "unversioned")[:VERSION_DIGITS]
 
     @property
     def conditional(self) -> bool:
@@ -111,6 +119,7 @@ class LoadedModel:
             "prior": self.describe_prior(),
             "created_at": meta.get("created_at"),
             "weights_sha256": meta.get("weights_sha256"),
+            "version": self.version,
         }
 
     @property
@@ -154,6 +163,16 @@ class Registry:
                 f"no model named {key!r}; loaded models: {', '.join(self.models)} (GET /models)"
             ) from None
 
+    def put(self, entry: LoadedModel) -> None:
+        """Serve `entry` under its name from now on (a new model, or a new revision of one)."""
+        self.models[entry.name] = entry
+
+    def remove(self, name: str) -> LoadedModel:
+        """Stop serving `name` (the default stays the default: asked for, it is then a 404)."""
+        entry = self.get(name)
+        del self.models[name]
+        return entry
+
     def gpu_memory_allocated(self) -> dict[str, int]:
         """Bytes allocated now on each GPU a model is on, by device name (none on the CPU)."""
         if not torch.cuda.is_available():
@@ -174,21 +193,28 @@ class Registry:
                 raise SettingsError(
                     f"two checkpoints are named {name!r}; give checkpoint folders distinct names"
                 )
-            checkpoint = load_checkpoint(folder, device)
-            # Optional: a checkpoint without index.safetensors serves everything but /similar.
-            index = load_index(folder, device, checkpoint.metadata.get("index", {}).get("sha256"))
-            # Optional too: without prior.safetensors the model samples from N(0, I).
-            prior = checkpoint_prior(checkpoint)
-            models.append(
-                LoadedModel(
-                    name, checkpoint.model, checkpoint.metadata, folder, device, index, prior
-                )
-            )
-            logger.info("loaded model %r from %s on %s", name, folder, device)
-            if prior is None:
-                logger.warning(
-                    "model %r has no fitted prior (%s): it samples from N(0, I), prior=standard",
-                    name,
-                    PRIOR_FILE,
-                )
+            models.append(load_model(name, folder, device))
         return cls(models)
+
+
+def load_model(name: str, folder: Path, device: torch.device) -> LoadedModel:
+    """One checkpoint folder as a served model, with its optional index and prior;
+    CheckpointError names what is wrong with it."""
+    checkpoint = load_checkpoint(folder, device)
+    metadata = checkpoint.metadata
+    if not metadata.get("weights_sha256"):
+        # An older checkpoint without the digest: its version is taken from the file itself.
+        metadata["weights_sha256"] = sha256_of(Path(folder) / WEIGHTS_NAME)
+    # Optional: a checkpoint without index.safetensors serves everything but /similar.
+    index = load_index(folder, device, metadata.get("index", {}).get("sha256"))
+    # Optional too: without prior.safetensors the model samples from N(0, I).
+    prior = checkpoint_prior(checkpoint)
+    entry = LoadedModel(name, checkpoint.model, metadata, folder, device, index, prior)
+    logger.info("loaded model %r version %s from %s on %s", name, entry.version, folder, device)
+    if prior is None:
+        logger.warning(
+            "model %r has no fitted prior (%s): it samples from N(0, I), prior=standard",
+            name,
+            PRIOR_FILE,
+        )
+    return entry

@@ -248,3 +248,10 @@ def test_a_checkpoint_whose_save_was_killed_midway_is_found(tmp_path: Path, name
         assert found == [tmp_path / "default", other]
     assert (tmp_path / "default" / "train_state").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["default", "other"]
+
+
+def test_explicit_model_control_runs_one_worker_and_refuses_more() -> None:
+    assert Settings(model_control="explicit").worker_count == 1
+    assert Settings(model_control="poll", workers=2).worker_count == 2
+    with pytest.raises(ValidationError, match="reaches one worker process only"):
+        Settings(model_control="explicit", workers=2)

@@ -192,7 +192,7 @@ def test_every_op_of_every_model_is_a_ready_v2_model(
             assert triton.is_model_ready(name, model_version="1")
             metadata = triton.get_model_metadata(name)
             assert metadata == triton.get_model_metadata(name, model_version="1")
-            assert metadata["name"] == name and metadata["versions"] == ["1"]
+            assert metadata["name"] == name and metadata["versions"] == [cards[model]["version"]]
             assert metadata["platform"] == "pytorch"
             inputs = {t["name"]: (t["datatype"], t["shape"]) for t in metadata["inputs"]}
             outputs = {t["name"]: (t["datatype"], t["shape"]) for t in metadata["outputs"]}

@@ -17,7 +17,8 @@ class ValidationErrorBody(BaseModel):
 
 _ERRORS = {
     400: "The request does not fit the model (e.g. a digit for an unconditional model).",
-    404: "Unknown model.",
+    403: "Model management is off (VAE_MODEL_CONTROL), or the key lacks the admin role.",
+    404: "Unknown model, or a version not loaded.",
     408: "The request body stalled past VAE_BODY_TIMEOUT_S.",
     413: "Too large: bytes, pixels, images or files over the configured limits.",
     415: "Not a decodable image.",

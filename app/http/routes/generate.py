@@ -18,7 +18,7 @@ from app.http.schemas import (
     InterpolationEnd,
     InterpolationJSON,
 )
-from app.http.state import ModelDep, ModelQuery, StateDep, service
+from app.http.state import ModelDep, ModelQuery, StateDep, VersionQuery, service
 from app.http.uploads import multipart_body, read_images
 from app.service.imaging import decode_base64_image
 from app.service.predict import Endpoint, Generated, PriorName, draw_seed
@@ -75,10 +75,11 @@ async def sample(
     seed: SeedQuery = None,
     nrow: Nrow = 8,
     prior: PriorQuery = None,
+    version: VersionQuery = None,
 ) -> Response:
     """Draw n images from the prior, of one digit or (conditional models) of random digits."""
     state = service(request)
-    handle = state.handle(model)
+    handle = state.handle(model, version)
     _check_count(n, state.settings.max_samples)
     seed = draw_seed() if seed is None else seed
     generated = await handle.sample(n, digit, temperature, seed, prior)

@@ -19,10 +19,12 @@ async def list_models(state: StateDep) -> ModelsJSON:
     """The loaded models: architecture, device, dataset, metrics, anomaly calibration."""
     if not state.ready or state.registry is None:
         raise NotReady("models are still loading; retry when GET /readyz answers 200")
-    registry = state.registry
-    return ModelsJSON(
-        default=registry.default, models=[m.describe() for m in registry.models.values()]
-    )
+    registry, repository = state.registry, state.repository
+    assert repository is not None  # ready
+    cards = [
+        {**m.describe(), "versions": repository.versions(m.name)} for m in registry.models.values()
+    ]
+    return ModelsJSON(default=registry.default, models=cards)
 
 
 @router.get("/healthz")

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.errors import NotReady
 from app.http.state import ServiceState, StateDep, service
-from app.http.v2_models import VERSION, V2Model, find_model, infer
+from app.http.v2_models import V2Model, find_model, infer
 from app.http.v2_protocol import (
     BINARY_TYPE,
     HEADER_LENGTH,
@@ -132,7 +132,10 @@ VERSION_PARAMETER = {
     "name": "model_version",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "description": "The model's one version: 1."},
+    "schema": {
+        "type": "string",
+        "description": "A loaded version (GET /v2/models/{model_name} lists them).",
+    },
 }
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
@@ -168,9 +171,13 @@ def _models(state: ServiceState) -> dict[str, V2Model]:
     return state.v2_models
 
 
+def _find(state: ServiceState, name: str, version: str | None) -> V2Model:
+    return find_model(_models(state), name, version, state.v2_versions)
+
+
 async def v2_model(request: Request, state: StateDep, model_name: ModelName) -> V2Model:
     """The v2 model a route names, at the version its path gives, if it gives one."""
-    return find_model(_models(state), model_name, request.path_params.get("model_version"))
+    return _find(state, model_name, request.path_params.get("model_version"))
 
 
 V2ModelDep = Annotated[V2Model, Depends(v2_model)]
@@ -196,9 +203,11 @@ async def ready(state: StateDep) -> Readiness:
 
 
 @model_route("GET", "", response_model=ModelMetadata, responses=_errors(404, 503))
-async def model_metadata(model: V2ModelDep) -> ModelMetadata:
-    """A v2 model's versions, platform, and input and output tensors."""
-    return ModelMetadata.model_validate(model.metadata())
+async def model_metadata(model: V2ModelDep, state: StateDep) -> ModelMetadata:
+    """A v2 model's versions loaded, platform, and input and output tensors."""
+    assert state.repository is not None
+    versions = state.repository.versions(model.entry.name)
+    return ModelMetadata.model_validate(model.metadata(versions))
 
 
 @model_route("GET", "/ready", response_model=ModelReadiness, responses=_errors(404, 503))
@@ -212,16 +221,18 @@ async def model_infer(request: Request, model_name: ModelName) -> Response:
     """Run a v2 model on tensors in JSON or binary (the binary tensor data extension)."""
     # The hot route takes its state and model without dependency solving (app.state.service).
     state = service(request)
-    model = find_model(_models(state), model_name, request.path_params.get("model_version"))
+    model = _find(state, model_name, request.path_params.get("model_version"))
+    # Taken before the body is awaited: a reload meanwhile retires the version found only
+    # after its requests have had their time (ModelRepository), so this one is answered by it.
+    handle = state.handle(model.entry.name, model.version)
     body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
     if len(body) > INLINE_BODY_BYTES:
         decoded = await run_in_threadpool(decode_request, body, header_length)
     else:
         decoded = decode_request(body, header_length)
-    handle = state.handle(model.entry.name)
     outputs, parameters = await infer(model, decoded, handle, state.settings, state.metrics)
-    encode = (model.name, VERSION, decoded.id, parameters, outputs)
+    encode = (model.name, model.version, decoded.id, parameters, outputs)
     if sum(output.array.size for output in outputs) > INLINE_OUTPUT_VALUES:
         content, headers = await run_in_threadpool(encode_response, *encode)
     else:

@@ -13,7 +13,6 @@ from pydantic import BaseModel, Field
 
 from app.http.routes.v2 import V2ModelDep, _errors, _models, model_route
 from app.http.state import StateDep
-from app.http.v2_models import VERSION
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
@@ -73,7 +72,7 @@ class ModelConfig(BaseModel):
 async def all_statistics(state: StateDep) -> dict[str, Any]:
     """Triton's inference statistics of every v2 model."""
     models = _models(state).values()
-    return {"model_stats": [model.stats.describe(model.name, VERSION) for model in models]}
+    return {"model_stats": [model.stats.describe(model.name, model.version) for model in models]}
 
 
 @model_route(
@@ -81,7 +80,7 @@ async def all_statistics(state: StateDep) -> dict[str, Any]:
 )
 async def model_statistics(model: V2ModelDep) -> dict[str, Any]:
     """Triton's inference statistics of one v2 model."""
-    return {"model_stats": [model.stats.describe(model.name, VERSION)]}
+    return {"model_stats": [model.stats.describe(model.name, model.version)]}
 
 
 @model_route("GET", "/config", on=router, response_model=ModelConfig, responses=_errors(404, 503))
