@@ -140,10 +140,11 @@ class Gate:
             self.metrics.request_duration.labels(route, METRIC_METHOD, str(status)).observe(
                 time.perf_counter() - started
             )
-            access_logger.info(
-                '%s key=%s - "%s %s" %d', context.peer(), current_key_id.get(), METRIC_METHOD,
-                route, status,
-            )  # fmt: skip
+            if access_logger.isEnabledFor(logging.INFO):  # context.peer() is not free
+                access_logger.info(
+                    '%s key=%s - "%s %s" %d', context.peer(), current_key_id.get(), METRIC_METHOD,
+                    route, status,
+                )  # fmt: skip
             current_key_id.reset(key_token)
             current_request_id.reset(id_token)
 

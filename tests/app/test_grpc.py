@@ -5,8 +5,11 @@ inputs and seeds, refusing bad calls with the right status code and a message, c
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from app_testing import LiveApp, free_port, metric, start_app, stop_app
+from app_testing import REPO, LiveApp, free_port, metric, start_app, stop_app
 from conftest import UNCONDITIONAL_NAME
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
@@ -284,6 +287,7 @@ def test_anomaly_matches_http(
 
 
 def test_typed_contents_answer_as_raw_ones(
+    server: LiveApp,
     triton: grpcclient.InferenceServerClient,
     stub: service_pb2_grpc.GRPCInferenceServiceStub,
     mnist_test: tuple[torch.Tensor, torch.Tensor],
@@ -297,8 +301,14 @@ def test_typed_contents_answer_as_raw_ones(
     digit = request.inputs.add(name="digit", datatype="INT64", shape=[3])
     digit.contents.int64_contents.extend([2, 2, 2])
     request.outputs.add(name="mu")
-    typed = grpcclient.InferResult(stub.ModelInfer(request))
+    answer, call = stub.ModelInfer.with_call(request, metadata=[("x-request-id", "typed-call-1")])
+    typed = grpcclient.InferResult(answer)
     assert typed.get_response().id == "typed-1"
+    # The request id comes back, and is on the call's access-log line
+    assert ("x-request-id", "typed-call-1") in tuple(call.trailing_metadata())
+    line = "[typed-call-1]: ipv4:127.0.0.1:"
+    logged = [text for text in server.log.read_text().splitlines() if line in text]
+    assert len(logged) == 1 and logged[0].endswith('"GRPC ' + INFER_ROUTE + '" 200'), logged
     raw = triton.infer(
         "default-encode",
         grpc_inputs({"images": images, "digit": np.full(3, 2, np.int64)}),
@@ -401,6 +411,38 @@ def test_calls_are_counted_in_the_metrics(
     encode = {"model": DEFAULT, "op": "encode"}
     assert grew("vae_batch_size_count", encode) == 1  # the refused one never ran
     assert grew("vae_batch_size_sum", encode) == 3
+
+
+# ---- the README's example ------------------------------------------------------------------
+
+
+def readme_blocks() -> dict[str, list[str]]:
+    """The fenced blocks of the README's gRPC section, by language."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("### Open Inference Protocol over gRPC")
+    section = text[start : text.index("\n### ", start + 1)]
+    blocks: dict[str, list[str]] = {}
+    for language, block in re.findall(r"```(\w+)\n(.*?)```", section, re.S):
+        blocks.setdefault(language, []).append(block)
+    return blocks
+
+
+def test_the_readme_example_works_as_printed(
+    server: LiveApp, grpc_port: int, tmp_path: Path
+) -> None:
+    """The README starts the server as the `server` fixture does (VAE_GRPC_PORT set), and its
+    tritonclient.grpc example prints what the README says it prints."""
+    blocks = readme_blocks()
+    assert blocks["bash"] == ["VAE_GRPC_PORT=8001 python -m app\n"]
+    (example,) = blocks["python"]
+    (printed,) = blocks["text"]
+    script = tmp_path / "example.py"
+    script.write_text(example.replace("localhost:8001", f"127.0.0.1:{grpc_port}"))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == printed
 
 
 # ---- keys, the shared concurrency cap, deadlines --------------------------------------------
