@@ -25,6 +25,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from app_testing import REPO, LiveApp, free_port, metric, start_app, stop_app
 from conftest import UNCONDITIONAL_NAME
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -579,3 +581,58 @@ def test_deadlines_are_deadline_exceeded(guarded: Guarded) -> None:
     timed_out = {"route": INFER_ROUTE, "method": "GRPC", "status": "504"}
     count = "vae_request_duration_seconds_count"
     assert metric(rest, count, timed_out, after) - metric(rest, count, timed_out, before) == 2
+
+
+def test_each_worker_serves_grpc_on_the_shared_port(
+    tmp_path: Path, trained_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two worker processes both bind VAE_GRPC_PORT (SO_REUSEPORT) and the kernel spreads
+    connections over them: calls on separate connections reach both workers, each counting its
+    own in its metrics file."""
+    default = tmp_path / DEFAULT
+    shutil.copytree(trained_checkpoint, default)
+    samples = tmp_path / "metrics"
+    samples.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(samples))
+    port = free_port()
+    app = start_app(
+        tmp_path / "server.log",
+        "--checkpoints",
+        str(default),
+        "--device",
+        "cpu",
+        ready_within_s=180,
+        settings={"grpc_port": str(port), "workers": "2"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while app.log.read_text().count("gRPC: the Open Inference Protocol on") < 2:
+            assert time.monotonic() < deadline, app.log.read_text()
+            time.sleep(0.2)
+        calls = 32
+        for _ in range(calls):  # a connection of its own for each call
+            with grpcclient.InferenceServerClient(
+                f"127.0.0.1:{port}", channel_args=[("grpc.use_local_subchannel_pool", 1)]
+            ) as client:
+                assert client.is_model_ready("default-decode")
+        ready = "/inference.GRPCInferenceService/ModelReady"
+        labels = {"route": ready, "method": "GRPC", "status": "200"}
+        with httpx2.Client(base_url=app.base) as rest:
+            assert metric(rest, "vae_request_duration_seconds_count", labels) == calls
+        per_worker = {
+            pid: worker_count(samples, pid, "vae_request_duration_seconds_count", labels)
+            for pid in {path.stem.rsplit("_", 1)[-1] for path in samples.glob("histogram_*.db")}
+        }
+        assert len(per_worker) == 2 and all(per_worker.values()), per_worker
+    finally:
+        stop_app(app)
+
+
+def worker_count(samples: Path, pid: str, name: str, labels: dict[str, str]) -> float:
+    """One worker's value of a sample, read from its own multiprocess metrics file."""
+    alone = samples.parent / f"worker-{pid}"
+    alone.mkdir()
+    shutil.copy(samples / f"histogram_{pid}.db", alone)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(alone))
+    return metric(None, name, labels, generate_latest(registry).decode())
