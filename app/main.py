@@ -94,8 +94,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             from app.grpc_api.calls import Gate
             from app.grpc_api.server import start_grpc_server
 
-            # Started before the models load, so that ServerLive answers meanwhile (and
-            # ServerReady says not ready), as /healthz does.
+            # Started before the models are warmed up (and, in a worker process, loaded), so
+            # that ServerLive answers meanwhile and ServerReady says not ready.
             gate = Gate(
                 state.metrics,
                 slots,
