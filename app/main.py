@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from app.concurrency import RequestSlots
 from app.errors import CLIENT_CLOSED_REQUEST, V2_PREFIX, ServiceError, Unavailable, error_body
 from app.http.api_keys import KeyRing
 from app.http.auth import ApiKeyMiddleware, RateLimiter
@@ -81,41 +82,75 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         torch.set_num_threads(settings.torch_threads)
     state = ServiceState(settings=settings, metrics=Metrics())
 
+    # One count of requests in progress for both servers of this worker, HTTP and gRPC.
+    slots = RequestSlots(settings.max_concurrency, OPERATIONS_RESERVE)
+    keys = KeyRing(settings.keys)
+    limiter = None
+    if keys and settings.rate_limit_per_s > 0:
+        limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst_requests)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = await run_in_threadpool(_prepare, state, registry)
-        repository = ModelRepository(
-            settings, loaded, lambda entry: _batcher(entry, settings, state.metrics), state.metrics
-        )
-        state.repository = repository
+        grpc_server = None
+        if settings.grpc_port is not None:
+            # Imported only when asked for: grpcio and tritonclient are the `grpc` extra.
+            from app.grpc_api.calls import Gate
+            from app.grpc_api.server import start_grpc_server
 
-        def rebuild_v2() -> None:
-            state.v2_versions = versioned(repository, state.v2_versions)
-            state.v2_models = {
-                name: state.v2_versions[(name, model.version)]
-                for name, model in catalog(loaded).items()
-            }
-
-        rebuild_v2()
-
-        repository.listeners.append(rebuild_v2)
+            # Started before the models are warmed up (and, in a worker process, loaded), so
+            # that ServerLive answers meanwhile and ServerReady says not ready.
+            gate = Gate(
+                state.metrics,
+                slots,
+                keys,
+                limiter,
+                open_operations=not settings.auth_operations,
+                test_hooks=settings.enable_test_hooks,
+            )
+            grpc_server = await start_grpc_server(
+                state, gate, port=settings.grpc_port, server_version=app.version
+            )
+        repository: ModelRepository | None = None
         poller = None
-        if settings.model_control == "poll":
-            poller = asyncio.get_running_loop().create_task(repository.poll())
-        # What startup allocated (torch, the models, the app) lives as long as the process:
-        # frozen, the cyclic GC stops rescanning it, which paused every request for ~200 ms
-        # once per few thousand requests (p99 at c=32 went from ~140 ms to ~35 ms; bench/).
-        gc.collect()
-        gc.freeze()
-        state.ready = True
-        logger.info("ready: serving %s", ", ".join(loaded.models))
         try:
+            loaded = await run_in_threadpool(_prepare, state, registry)
+            repository = ModelRepository(
+                settings,
+                loaded,
+                lambda entry: _batcher(entry, settings, state.metrics),
+                state.metrics,
+            )
+            state.repository = repository
+
+            def rebuild_v2() -> None:
+                assert repository is not None
+                state.v2_versions = versioned(repository, state.v2_versions)
+                state.v2_models = {
+                    name: state.v2_versions[(name, model.version)]
+                    for name, model in catalog(loaded).items()
+                }
+
+            rebuild_v2()
+            repository.listeners.append(rebuild_v2)
+            if settings.model_control == "poll":
+                poller = asyncio.get_running_loop().create_task(repository.poll())
+            # What startup allocated (torch, the models, the app) lives as long as the process:
+            # frozen, the cyclic GC stops rescanning it, which paused every request for ~200 ms
+            # once per few thousand requests (p99 at c=32 went from ~140 ms to ~35 ms; bench/).
+            gc.collect()
+            gc.freeze()
+            state.ready = True
+            logger.info("ready: serving %s", ", ".join(loaded.models))
             yield
         finally:
+            if grpc_server is not None:
+                # New calls are refused; those in progress finish, with the batchers running.
+                await grpc_server.stop(settings.shutdown_drain_s)
             state.ready = False
             if poller is not None:
                 poller.cancel()
-            await repository.close()
+            if repository is not None:
+                await repository.close()
             state.metrics.close()
 
     app = FastAPI(
@@ -151,17 +186,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     if settings.enable_test_hooks:
         logger.warning("test hooks are on: X-Test-Fault headers make requests fail on purpose")
         app.add_middleware(FaultInjectionMiddleware)
-    app.add_middleware(
-        ConcurrencyLimitMiddleware,
-        limit=settings.max_concurrency,
-        reserve=OPERATIONS_RESERVE,
-        metrics=state.metrics,
-    )
-    keys = KeyRing(settings.keys)
+    app.add_middleware(ConcurrencyLimitMiddleware, slots=slots, metrics=state.metrics)
     if keys:
-        limiter = None
-        if settings.rate_limit_per_s > 0:
-            limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst_requests)
         app.add_middleware(
             ApiKeyMiddleware,
             keys=keys,

@@ -1,5 +1,6 @@
 """Service settings, read from VAE_* environment variables and checked once at startup."""
 
+import importlib.util
 import math
 import os
 import re
@@ -37,6 +38,14 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description=f"Where models run: {DEVICE_CHOICES}.")
     host: str = Field(default="127.0.0.1", description="Interface to bind.")
     port: int = Field(default=8000, ge=1, le=65535, description="TCP port to bind.")
+    grpc_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="TCP port of the Open Inference Protocol's gRPC service, on VAE_HOST; unset: "
+        "no gRPC. Each worker process binds it with SO_REUSEPORT, so the kernel spreads "
+        "connections over the workers.",
+    )
     max_samples: int = Field(
         default=256, ge=1, le=4096, description="Most images one /sample request may ask for."
     )
@@ -190,6 +199,22 @@ class Settings(BaseSettings):
                 "request reaches one worker process only, so the others would keep the old "
                 "model; use VAE_WORKERS=1 with explicit, or VAE_MODEL_CONTROL=poll, which every "
                 "worker follows"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _grpc_port_is_usable(self) -> "Settings":
+        if self.grpc_port is None:
+            return self
+        if self.grpc_port == self.port:
+            raise ValueError(
+                f"VAE_GRPC_PORT and VAE_PORT are both {self.port}; HTTP and gRPC need ports of "
+                "their own"
+            )
+        if not all(importlib.util.find_spec(name) for name in ("grpc", "tritonclient")):
+            raise ValueError(
+                "VAE_GRPC_PORT is set, but grpcio or tritonclient is not installed: "
+                "pip install 'vae-serve[grpc]', or unset VAE_GRPC_PORT"
             )
         return self
 

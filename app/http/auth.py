@@ -61,12 +61,20 @@ def presented_key(scope: Scope) -> str | None:
     """`Authorization: Bearer KEY` (TorchServe's, tritonclient's headers=) or `X-API-Key: KEY`
     (LitServe's)."""
     headers = dict(scope["headers"])
-    authorization = headers.get(b"authorization", b"").decode("latin-1")
+    api_key = headers.get(b"x-api-key")
+    return key_of(
+        headers.get(b"authorization", b"").decode("latin-1"),
+        api_key.decode("latin-1") if api_key is not None else None,
+    )
+
+
+def key_of(authorization: str, api_key: str | None) -> str | None:
+    """The key of an `Authorization: Bearer KEY` value, else of an `X-API-Key` value; the gRPC
+    server reads the same two from its metadata."""
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    api_key = headers.get(b"x-api-key")
-    return api_key.decode("latin-1") if api_key else None
+    return api_key or None
 
 
 class ApiKeyMiddleware:

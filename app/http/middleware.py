@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.concurrency import RequestSlots
 from app.errors import error_body
 from app.metrics import Metrics
 from app.service.faults import parse_fault, requested_fault
@@ -84,43 +85,36 @@ OPERATIONS_PATHS = frozenset(
 
 
 class ConcurrencyLimitMiddleware:
-    """503 for a request that arrives while `limit` requests are in progress (VAE_MAX_CONCURRENCY)
-    or, for the operations paths, `limit + reserve`. Installed inside MetricsMiddleware, so each
-    refusal is timed by route and counted in vae_requests_rejected_total{reason="concurrency"}:
-    the error ratio sees saturation (uvicorn's own limit_concurrency answered before the app, so
-    its 503s were counted nowhere, and its connection count 503'd scrapes too)."""
+    """503 for a request that arrives while the worker's requests in progress, HTTP and gRPC
+    together, are at VAE_MAX_CONCURRENCY (`slots`; the operations paths have a reserve beyond
+    it). Installed inside MetricsMiddleware, so each refusal is timed by route and counted in
+    vae_requests_rejected_total{reason="concurrency"}: the error ratio sees saturation
+    (uvicorn's own limit_concurrency answered before the app, so its 503s were counted nowhere,
+    and its connection count 503'd scrapes too)."""
 
-    def __init__(self, app: ASGIApp, *, limit: int, reserve: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, slots: RequestSlots, metrics: Metrics) -> None:
         self.app = app
-        self.limit = limit
-        self.reserve = reserve
+        self.slots = slots
         self.metrics = metrics
-        self.in_progress = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        cap = self.limit + (self.reserve if scope["path"] in OPERATIONS_PATHS else 0)
-        if self.in_progress >= cap:
+        if not self.slots.enter(operations=scope["path"] in OPERATIONS_PATHS):
             self.metrics.requests_rejected.labels("concurrency").inc()
-            message = (
-                f"the server is at its limit of {self.limit} requests in progress "
-                "(VAE_MAX_CONCURRENCY); retry shortly"
-            )
             response = JSONResponse(
-                error_body(scope["path"], message),
+                error_body(scope["path"], self.slots.refusal()),
                 status_code=503,
                 # The body is never read, so the connection cannot carry another request.
                 headers={"Retry-After": "1", "Connection": "close"},
             )
             await response(scope, receive, send)
             return
-        self.in_progress += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_progress -= 1
+            self.slots.leave()
 
 
 class BodySizeLimitMiddleware:

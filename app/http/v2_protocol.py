@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -158,39 +159,28 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
         request = InferenceRequest.model_validate_json(head)
     except ValidationError as exc:
         raise BadRequest(_invalid_request(exc, binary=header_length is not None)) from None
+    return decode_inputs(request, _binary_parts(request, tail, len(head), len(body)))
+
+
+def validated_request(document: dict[str, Any]) -> InferenceRequest:
+    """An inference request built by another protocol's adapter (gRPC's) as the JSON's
+    document, checked by the same rules as a JSON body."""
+    try:
+        return InferenceRequest.model_validate(document)
+    except ValidationError as exc:
+        raise BadRequest(_invalid_request(exc, binary=False)) from None
+
+
+def decode_inputs(request: InferenceRequest, binary: Sequence[bytes | None]) -> DecodedRequest:
+    """A validated request's tensors, each from its `data` or from its raw bytes (`binary`,
+    one entry per input: the binary tensor data extension's, or gRPC's raw_input_contents)."""
     tensors: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
-    offset = 0
-    for item in request.inputs:
+    for item, data in zip(request.inputs, binary, strict=True):
         if item.name in tensors:
             raise BadRequest(f"input {item.name!r} is given twice; give each input once")
-        size = (item.parameters or {}).get(BINARY_SIZE)
-        if size is None:
-            tensors[item.name] = _from_json(item)
-        else:
-            if item.data is not None:
-                raise BadRequest(
-                    f"input {item.name!r} has both 'data' and {BINARY_SIZE}; give one of them"
-                )
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise BadRequest(
-                    f"input {item.name!r}: {BINARY_SIZE} must be a byte count, got {size!r}"
-                )
-            if offset + size > len(tail):
-                raise BadRequest(
-                    f"input {item.name!r} needs bytes {offset}..{offset + size} of the binary "
-                    f"data, but it has {len(tail)} bytes ({HEADER_LENGTH} says the JSON is "
-                    f"{len(head)} of the body's {len(body)} bytes)"
-                )
-            tensors[item.name] = _from_binary(item, tail[offset : offset + size])
-            offset += size
+        tensors[item.name] = _from_json(item) if data is None else _from_binary(item, data)
         datatypes[item.name] = item.datatype
-    if offset != len(tail):
-        raise BadRequest(
-            f"the body has {len(tail) - offset} bytes after the binary data of the inputs "
-            f"({offset} bytes by their {BINARY_SIZE}); {HEADER_LENGTH} must give the JSON's "
-            "exact length"
-        )
     parameters = dict(request.parameters or {})
     binary_outputs = parameters.pop(BINARY_OUTPUTS, False)
     if not isinstance(binary_outputs, bool):
@@ -203,6 +193,42 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
         None if request.outputs is None else _wanted(request.outputs, binary_outputs),
         binary_outputs,
     )
+
+
+def _binary_parts(
+    request: InferenceRequest, tail: bytes, head_bytes: int, body_bytes: int
+) -> list[bytes | None]:
+    """Each input's slice of the binary data after the JSON (None: its values are in `data`)."""
+    parts: list[bytes | None] = []
+    offset = 0
+    for item in request.inputs:
+        size = (item.parameters or {}).get(BINARY_SIZE)
+        if size is None:
+            parts.append(None)
+            continue
+        if item.data is not None:
+            raise BadRequest(
+                f"input {item.name!r} has both 'data' and {BINARY_SIZE}; give one of them"
+            )
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise BadRequest(
+                f"input {item.name!r}: {BINARY_SIZE} must be a byte count, got {size!r}"
+            )
+        if offset + size > len(tail):
+            raise BadRequest(
+                f"input {item.name!r} needs bytes {offset}..{offset + size} of the binary "
+                f"data, but it has {len(tail)} bytes ({HEADER_LENGTH} says the JSON is "
+                f"{head_bytes} of the body's {body_bytes} bytes)"
+            )
+        parts.append(tail[offset : offset + size])
+        offset += size
+    if offset != len(tail):
+        raise BadRequest(
+            f"the body has {len(tail) - offset} bytes after the binary data of the inputs "
+            f"({offset} bytes by their {BINARY_SIZE}); {HEADER_LENGTH} must give the JSON's "
+            "exact length"
+        )
+    return parts
 
 
 def encode_response(

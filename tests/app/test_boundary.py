@@ -28,16 +28,19 @@ def modules(side: str) -> list[Path]:
     return found
 
 
-@pytest.mark.parametrize("path", modules("http"), ids=lambda p: str(p.relative_to(APP)))
-def test_http_side_never_imports_torch(path: Path) -> None:
+@pytest.mark.parametrize(
+    "path", modules("http") + modules("grpc_api"), ids=lambda p: str(p.relative_to(APP))
+)
+def test_protocol_sides_never_import_torch(path: Path) -> None:
+    """The HTTP side and the gRPC side (an adapter onto the same calls) alike."""
     assert not imported_roots(path) & {"torch", "torchvision"}
 
 
 @pytest.mark.parametrize("path", modules("service"), ids=lambda p: str(p.relative_to(APP)))
 def test_service_side_never_imports_the_web_framework(path: Path) -> None:
     assert not imported_roots(path) & {"fastapi", "starlette", "uvicorn", "app"} - {"app"}
-    assert not any(name.startswith("app.http") for name in _app_imports(path)), (
-        "the service side must not import the HTTP side"
+    assert not any(name.startswith(("app.http", "app.grpc_api")) for name in _app_imports(path)), (
+        "the service side must not import the HTTP or gRPC side"
     )
 
 

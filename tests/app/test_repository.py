@@ -374,5 +374,7 @@ def test_version_header_on_rest_and_model_version_on_v2(served: dict[str, Path])
         assert answer["model_version"] == version
         pinned = client.post(f"/v2/models/{folder.name}-decode/versions/{version}/infer", json=body)
         assert pinned.status_code == 200
-        wrong = client.post(f"/v2/models/{folder.name}-decode/versions/1/infer", json=body)
+        legacy = client.post(f"/v2/models/{folder.name}-decode/versions/1/infer", json=body)
+        assert legacy.json()["model_version"] == version  # "1" of earlier releases: the newest
+        wrong = client.post(f"/v2/models/{folder.name}-decode/versions/0123456789ab/infer", json=body)
         assert wrong.status_code == 404 and "no loaded version" in wrong.json()["error"]

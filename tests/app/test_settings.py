@@ -1,5 +1,6 @@
 """Tests for app.settings: environment parsing, validation messages, checkpoint discovery."""
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,7 @@ def test_bad_log_level_lists_the_valid_values() -> None:
         ("request_timeout_s", 0, "greater than 0"),
         ("workers", 0, "greater than 0"),
         ("torch_threads", 0, "greater than 0"),
+        ("grpc_port", 0, "greater than or equal to 1"),
     ],
 )
 def test_out_of_range_values_fail_naming_the_field(field: str, value: float, message: str) -> None:
@@ -160,6 +162,26 @@ def test_non_numeric_environment_value_fails(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("VAE_PORT", "eighty")
     with pytest.raises(ValidationError, match="port"):
         Settings()
+
+
+def test_grpc_is_off_by_default_and_needs_a_port_of_its_own() -> None:
+    assert Settings().grpc_port is None
+    assert Settings(grpc_port=8001).grpc_port == 8001
+    with pytest.raises(ValidationError, match="VAE_GRPC_PORT and VAE_PORT are both 9000"):
+        Settings(port=9000, grpc_port=9000)
+
+
+def test_grpc_port_without_the_grpc_extra_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "grpc" else find_spec(name, *args),
+    )
+    with pytest.raises(ValidationError, match=r"pip install 'vae-serve\[grpc\]'"):
+        Settings(grpc_port=8001)
 
 
 def test_empty_checkpoints_fail_at_construction() -> None:
