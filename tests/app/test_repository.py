@@ -376,5 +376,6 @@ def test_version_header_on_rest_and_model_version_on_v2(served: dict[str, Path])
         assert pinned.status_code == 200
         legacy = client.post(f"/v2/models/{folder.name}-decode/versions/1/infer", json=body)
         assert legacy.json()["model_version"] == version  # "1" of earlier releases: the newest
-        wrong = client.post(f"/v2/models/{folder.name}-decode/versions/0123456789ab/infer", json=body)
+        unknown = f"/v2/models/{folder.name}-decode/versions/0123456789ab/infer"
+        wrong = client.post(unknown, json=body)
         assert wrong.status_code == 404 and "no loaded version" in wrong.json()["error"]
