@@ -191,7 +191,7 @@ def test_the_readme_tritonclient_example_with_a_key_works_as_printed(
     """The Python block of the README's API keys section, run against a real `python -m app`
     with keys set, prints what the README says it prints."""
     text = (REPO / "README.md").read_text()
-    start = text.index("### Operations: API keys")
+    start = text.index("### Operations: ")
     section = text[start : text.index("\n## ", start)]
     (example,) = re.findall(r"```python\n(.*?)```", section, re.S)
     (printed, *_) = re.findall(r"```text\n(.*?)```", section[section.index(example) :], re.S)
@@ -221,7 +221,7 @@ def test_the_readme_ray_serve_snippet_fits_the_serve_config() -> None:
     """The README's Serve config fragment for keys sits where deploy/ray/serve.yaml keeps the
     replicas' settings, and names a setting the app has."""
     text = (REPO / "README.md").read_text()
-    start = text.index("### Operations: API keys")
+    start = text.index("### Operations: ")
     (snippet,) = re.findall(r"```yaml\n(.*?)```", text[start : text.index("\n## ", start)], re.S)
     (application,) = yaml.safe_load(snippet)["applications"]
     shipped = yaml.safe_load((REPO / "deploy/ray/serve.yaml").read_text())["applications"]

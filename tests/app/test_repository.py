@@ -8,7 +8,11 @@ mode loads a completed save and never a half-written one; tritonclient's reposit
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ import httpx2
 import numpy as np
 import pytest
 import torch
-from app_testing import LiveApp, files, png_of, start_app, stop_app
+from app_testing import REPO, LiveApp, files, png_of, start_app, stop_app
 from conftest import CONDITIONAL_NAME, UNCONDITIONAL_NAME, serve
 
 from models import VAE
@@ -379,3 +383,62 @@ def test_version_header_on_rest_and_model_version_on_v2(served: dict[str, Path])
         unknown = f"/v2/models/{folder.name}-decode/versions/0123456789ab/infer"
         wrong = client.post(unknown, json=body)
         assert wrong.status_code == 404 and "no loaded version" in wrong.json()["error"]
+
+
+def readme_reload_commands() -> list[tuple[str, str | None]]:
+    """The README's reload block: each command with the comment that says what it prints."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("**Reloading and versions.**")
+    (block, *_) = re.findall(r"```bash\n(.*?)```", text[start:], re.S)
+    commands = []
+    for line in block.splitlines():
+        command, _, comment = line.partition("#")
+        commands.append((command.strip(), comment.strip() or None))
+    return commands
+
+
+def test_the_readme_reload_commands_work_as_printed(
+    tmp_path: Path, served: dict[str, Path]
+) -> None:
+    """The README's block, in order, against a real server: started as it says (on a folder of
+    checkpoints with one named `default`), a retraining into the served folder (with the tiny
+    preset, which the test adds so as to train in seconds), then each curl, whose JSON has the
+    keys and values its comment shows (digests aside)."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(served[CONDITIONAL_NAME], root / "default")
+    (serve_line, _), (train_line, _), *curls = readme_reload_commands()
+    assert serve_line == "VAE_MODEL_CONTROL=explicit python -m app --checkpoints checkpoints/"
+    app = start_app(
+        tmp_path / "server.log",
+        "--checkpoints",
+        str(root),
+        ready_within_s=READY_WITHIN_S,
+        settings={"model_control": "explicit", "device": "cpu"},
+    )
+    try:
+        assert train_line.startswith("python -m training --out checkpoints/default ")
+        trained = subprocess.run(
+            [*shlex.split(train_line.replace("python", sys.executable, 1)), "--preset", "tiny",
+             "--no-progress", "--no-sample-quality"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        assert trained.returncode == 0, trained.stderr[-2000:]
+        answers = []
+        for command, printed in curls:
+            assert command.startswith("curl ") and printed is not None
+            done = subprocess.run(
+                [*shlex.split(command.replace("localhost:8000", f"127.0.0.1:{app.port}")), "-sS"],
+                capture_output=True, text=True, timeout=120, check=True,
+            )  # fmt: skip
+            answer = json.loads(done.stdout)
+            shown = json.loads(re.sub(r'"[0-9a-f]{4}\.\.\."', '"digest"', printed))
+            digestless = re.sub(r'"[0-9a-f]{12}"', '"digest"', json.dumps(answer))
+            assert json.loads(digestless) == shown, (command, answer)
+            answers.append(answer)
+        loaded, index, unloaded = answers
+        new_version = _digest(root / "default")[:12]
+        assert loaded["version"] == new_version == loaded["versions"][-1] == index[0]["version"]
+        assert unloaded["unloaded"] == loaded["versions"]
+        assert httpx2.post(f"{app.base}/sample", timeout=30).status_code == 404
+    finally:
+        stop_app(app)
