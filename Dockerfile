@@ -32,7 +32,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 
-# Dependencies first, read from pyproject.toml alone: this layer is rebuilt when the
+# Dependencies first (the runtime's and the `grpc` extra's, so VAE_GRPC_PORT works in the
+# image), read from pyproject.toml alone: this layer is rebuilt when the
 # dependencies change, not on every source edit; pip's cache (a BuildKit cache mount) keeps
 # the downloaded wheels across rebuilds. A base that ships torch must keep it: the build fails
 # if pip replaced it (a base whose torch left pyproject's range would otherwise download
@@ -40,7 +41,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     base_torch="$(python -c 'import torch; print(torch.__file__)' 2>/dev/null || true)" \
-    && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps))" \
+    && python -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = project['dependencies'] + project['optional-dependencies']['grpc']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps))" \
     && pip install -r /tmp/requirements.txt \
     && if [ -n "$base_torch" ]; then python -c "import sys, torch; assert torch.__file__ == sys.argv[1], 'pip replaced the base image torch ' + sys.argv[1] + ' with ' + torch.__file__" "$base_torch"; fi
 
