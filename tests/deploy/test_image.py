@@ -126,6 +126,12 @@ def test_it_runs_as_uid_10001_on_a_read_only_root_with_a_tmpfs_tmp(api: Containe
     assert re.search(r"^\S+ /tmp tmpfs ", mounts, flags=re.MULTILINE), mounts
 
 
+def test_the_image_carries_the_grpc_extra(api: Container) -> None:
+    """VAE_GRPC_PORT works in the image: the `grpc` extra's packages are installed."""
+    done = api.exec("python", "-c", "import grpc, tritonclient.grpc; print(grpc.__version__)")
+    assert done.stdout.strip()
+
+
 def test_the_first_start_trains_into_the_empty_volume_and_turns_healthy(api: Container) -> None:
     api.wait_healthy(FIRST_START_S)  # the engine ran the image's HEALTHCHECK, and it passed
     logs = api.logs()
