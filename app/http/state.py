@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Query, Request
 
@@ -15,6 +15,9 @@ from app.service.predict import ModelHandle
 from app.service.registry import Registry
 from app.settings import Settings
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
 
 @dataclass
 class ServiceState:
@@ -24,6 +27,7 @@ class ServiceState:
     batchers: dict[str, MicroBatcher] = field(default_factory=dict)
     v2_models: dict[str, V2Model] = field(default_factory=dict)  # by name, built at load
     ready: bool = False
+    tracer: Tracer | None = None  # None: tracing off (app.tracing)
 
     def observe_gpu_memory(self) -> None:
         """vae_gpu_memory_allocated_bytes of each GPU a model is on, now (before a scrape)."""

@@ -21,6 +21,7 @@ from app.http.v2_protocol import (
     decode_request,
     encode_response,
 )
+from app.tracing import span
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 SERVER_NAME = "vae-serve"
@@ -206,17 +207,19 @@ async def model_infer(request: Request, model_name: ModelName) -> Response:
     # The hot route takes its state and model without dependency solving (app.state.service).
     state = service(request)
     model = find_model(_models(state), model_name, request.path_params.get("model_version"))
-    body = await request.body()
-    header_length = request.headers.get(HEADER_LENGTH)
-    if len(body) > INLINE_BODY_BYTES:
-        decoded = await run_in_threadpool(decode_request, body, header_length)
-    else:
-        decoded = decode_request(body, header_length)
+    with span(state.tracer, "decode request"):
+        body = await request.body()
+        header_length = request.headers.get(HEADER_LENGTH)
+        if len(body) > INLINE_BODY_BYTES:
+            decoded = await run_in_threadpool(decode_request, body, header_length)
+        else:
+            decoded = decode_request(body, header_length)
     handle = state.handle(model.entry.name)
     outputs, parameters = await infer(model, decoded, handle, state.settings, state.metrics)
     encode = (model.name, VERSION, decoded.id, parameters, outputs)
-    if sum(output.array.size for output in outputs) > INLINE_OUTPUT_VALUES:
-        content, headers = await run_in_threadpool(encode_response, *encode)
-    else:
-        content, headers = encode_response(*encode)
+    with span(state.tracer, "encode response"):
+        if sum(output.array.size for output in outputs) > INLINE_OUTPUT_VALUES:
+            content, headers = await run_in_threadpool(encode_response, *encode)
+        else:
+            content, headers = encode_response(*encode)
     return Response(content, headers=headers)
