@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from fastapi import Request
@@ -43,6 +44,12 @@ def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
     return best
 
 
+def encoding(request: Request, images: int | None = None) -> AbstractContextManager[Any]:
+    """The `encode response` span around building a response body (a no-op unless tracing)."""
+    attributes = None if images is None else {"vae.images": images}
+    return span(service(request).tracer, "encode response", attributes)
+
+
 def images_json(images: Images) -> list[str]:
     return [to_base64(encode_png(image)) for image in images]
 
@@ -58,7 +65,7 @@ async def image_response(
 ) -> Response:
     """One PNG (a grid when several images), an animated GIF when allowed and asked for, or
     JSON with `images` as base64 PNGs plus `meta`; traced as `encode response`."""
-    with span(service(request).tracer, "encode response", {"vae.images": len(images)}):
+    with encoding(request, len(images)):
         return await _encoded(request, images, nrow, meta, headers, gif)
 
 
