@@ -4,6 +4,7 @@ this process; and the OTEL_* variables as `python -m app` reads them."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import secrets
 import subprocess
@@ -13,13 +14,14 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx2
 import pytest
 import torch
 import uvicorn
 from app_testing import REPO, clean_environment, free_port, png_of, start_app, stop_app
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -257,6 +259,58 @@ def test_the_readme_console_exporter_command(trained_checkpoint: Path, tmp_path:
     names = {span["name"] for span in spans}
     assert {"POST /sample", "queue wait", "batch", "model pass", "encode response"} <= names
     assert {span["resource"]["attributes"]["service.name"] for span in spans} == {"vae-digits"}
+
+
+class Collector(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver: keeps each POST /v1/traces body (protobuf) in `received`."""
+
+    received: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/v1/traces":
+            self.received.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+def test_the_readme_otlp_command_exports_to_a_collector(
+    trained_checkpoint: Path, tmp_path: Path
+) -> None:
+    """OTEL_TRACES_EXPORTER=otlp OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:PORT python -m app: the
+    spans reach an OTLP/HTTP receiver as protobuf, in the client's trace."""
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+    app = start_app(
+        tmp_path / "server.log",
+        ready_within_s=120,
+        settings={"checkpoints": str(trained_checkpoint), "device": "cpu"},
+        environment={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
+    )
+    try:
+        trace_id, _, header = traceparent()
+        answer = httpx2.post(
+            f"{app.base}/sample?digit=7", headers={"traceparent": header}, timeout=30
+        )
+        assert answer.status_code == 200
+    finally:
+        stop_app(app, graceful=True)  # the shutdown flushes what is left
+        collector.shutdown()
+    names = set()
+    for body in Collector.received:
+        export = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in export.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    if int.from_bytes(span.trace_id, "big") == trace_id:
+                        names.add(span.name)
+    assert {"POST /sample", "queue wait", "batch", "model pass", "encode response"} <= names
 
 
 def test_an_unknown_exporter_stops_startup(trained_checkpoint: Path) -> None:

@@ -35,7 +35,7 @@ def test_an_unknown_case_is_refused_before_anything_starts() -> None:
 def test_three_servers_side_by_side(trained_checkpoint: Path, tmp_path: Path) -> None:
     completed = access_log(
         "--case", "sample_c1", "--rounds", "1", "--duration", "0.3",
-        "--checkpoint", str(trained_checkpoint), "--out", str(tmp_path),
+        "--checkpoint", str(trained_checkpoint), "--out", str(tmp_path), "--line-requests", "200",
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads((tmp_path / "access-log.json").read_text())
@@ -45,6 +45,10 @@ def test_three_servers_side_by_side(trained_checkpoint: Path, tmp_path: Path) ->
         assert row["requests"] > 0 and row["errors"] == 0, mode
         assert row["ratio_to_off"] > 0, mode
     assert rows["off"]["ratio_to_off"] == 1.0
+    costs = result["line_cost_us"]
+    assert set(costs) == {"off", "text", "json"}
+    assert 0 < costs["off"] < costs["text"] and costs["off"] < costs["json"]  # a line costs CPU
     table = (tmp_path / "access-log.md").read_text()
     assert table.startswith("Measured with `python -m bench.access_log")
     assert "| sample_c1 | json |" in table
+    assert "In-process, CPU per request" in table
