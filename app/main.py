@@ -120,11 +120,11 @@ def create_app(
             for batcher in state.batchers.values():
                 await batcher.stop()
             state.metrics.close()
-            if provider is not None:
-                # Export what is left; a provider the caller gave is the caller's to shut down.
-                provider.force_flush()
-                if tracer_provider is None:
-                    provider.shutdown()
+            # Export the spans left; a provider the caller gave is the caller's to shut down.
+            if tracer_provider is not None:
+                tracer_provider.force_flush()
+            elif provider is not None:
+                provider.shutdown()
 
     app = FastAPI(
         title="VAE digits",

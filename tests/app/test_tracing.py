@@ -302,6 +302,7 @@ def test_the_readme_otlp_command_exports_to_a_collector(
     finally:
         stop_app(app, graceful=True)  # the shutdown flushes what is left
         collector.shutdown()
+        collector.server_close()
     names = set()
     for body in Collector.received:
         export = ExportTraceServiceRequest.FromString(body)
