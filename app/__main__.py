@@ -22,6 +22,7 @@ from app.main import create_app
 from app.metrics import MULTIPROC_ENV
 from app.service.registry import Registry, resolve_device
 from app.settings import Settings, SettingsError
+from app.tracing import TracingError, exporter_names, exporters
 from models import CheckpointError
 from models.checkpoint import recover_checkpoints
 from training.presets import PRESETS
@@ -139,8 +140,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"VAE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
             )
         )
-    logging_config = log_config(settings.log_level)
+    try:
+        exporters()  # each worker builds its own tracer provider: check the OTEL_* ones here
+    except TracingError as exc:
+        return _fail(str(exc))
+    logging_config = log_config(settings.log_level, settings.access_log)
     logging.config.dictConfig(logging_config)
+    if exporter_names():
+        logger.info(
+            "tracing on: spans go to %s (OTEL_TRACES_EXPORTER)", ", ".join(exporter_names())
+        )
     try:
         if args.train_if_missing:
             _train_if_missing(settings, args.train_preset)
@@ -159,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "port": settings.port,
         "log_level": settings.log_level,
         "log_config": logging_config,
+        # VAE_ACCESS_LOG: uvicorn's line (text), the app's JSON line (json) or none.
+        "access_log": settings.access_log == "text",
         "timeout_graceful_shutdown": settings.shutdown_drain_s,
         # Named, never uvicorn's "auto" (which picks by what happens to be installed), so one
         # setting runs one server wherever it runs.

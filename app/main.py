@@ -8,7 +8,7 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from app.concurrency import RequestSlots
 from app.errors import CLIENT_CLOSED_REQUEST, V2_PREFIX, ServiceError, Unavailable, error_body
+from app.http.access_log import AccessLogMiddleware
 from app.http.api_keys import KeyRing
 from app.http.auth import ApiKeyMiddleware, RateLimiter
 from app.http.content_coding import ContentCodingMiddleware
@@ -42,6 +43,11 @@ from app.service.inference import run_op, warm_up
 from app.service.registry import LoadedModel, Registry
 from app.service.repository import ModelRepository
 from app.settings import Settings
+from app.tracing import TRACER_NAME, provider_from_env
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Tracer
 
 logger = logging.getLogger("app")
 MAX_REPORTED_ERRORS = 20
@@ -51,7 +57,9 @@ MAX_ECHOED_ITEMS, MAX_ECHOED_DEPTH, MAX_ECHOED_CHARS = 16, 4, 256
 OPERATIONS_RESERVE = 16
 
 
-def _batcher(entry: LoadedModel, settings: Settings, metrics: Metrics) -> MicroBatcher:
+def _batcher(
+    entry: LoadedModel, settings: Settings, metrics: Metrics, tracer: Tracer | None
+) -> MicroBatcher:
     return MicroBatcher(
         entry.name,
         lambda op, inputs: run_op(entry, op, inputs),
@@ -60,6 +68,7 @@ def _batcher(entry: LoadedModel, settings: Settings, metrics: Metrics) -> MicroB
         max_queue_images=settings.max_queue_images,
         max_wait_s=settings.max_batch_wait_ms / 1000,
         timeout_s=settings.request_timeout_s,
+        tracer=tracer,
     )
 
 
@@ -71,16 +80,23 @@ def _prepare(state: ServiceState, registry: Registry | None) -> Registry:
     return registry
 
 
-def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
-    """The service; loads the configured checkpoints at startup unless `registry` is given."""
+def create_app(
+    settings: Settings | None = None,
+    registry: Registry | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """The service; loads the configured checkpoints at startup unless `registry` is given.
+    Traces go to `tracer_provider` if given, else where the OTEL_* variables say (if on)."""
     settings = settings or Settings()
+    provider = tracer_provider if tracer_provider is not None else provider_from_env()
+    tracer = None if provider is None else provider.get_tracer(TRACER_NAME)
     if settings.torch_threads:
         # Here, in the thread that builds the app (the event loop's), not in the loading thread:
         # OpenMP's thread count is per calling thread, and the event loop's own torch calls
         # (the prior's draws) with torch's default team beside the inference thread's single
         # one made /sample 4x slower at c=1 on a busy machine.
         torch.set_num_threads(settings.torch_threads)
-    state = ServiceState(settings=settings, metrics=Metrics())
+    state = ServiceState(settings=settings, metrics=Metrics(), tracer=tracer)
 
     # One count of requests in progress for both servers of this worker, HTTP and gRPC.
     slots = RequestSlots(settings.max_concurrency, OPERATIONS_RESERVE)
@@ -117,7 +133,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             repository = ModelRepository(
                 settings,
                 loaded,
-                lambda entry: _batcher(entry, settings, state.metrics),
+                lambda entry: _batcher(entry, settings, state.metrics, tracer),
                 state.metrics,
             )
             state.repository = repository
@@ -152,6 +168,11 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             if repository is not None:
                 await repository.close()
             state.metrics.close()
+            # Export the spans left; a provider the caller gave is the caller's to shut down.
+            if tracer_provider is not None:
+                tracer_provider.force_flush()
+            elif provider is not None:
+                provider.shutdown()
 
     app = FastAPI(
         title="VAE digits",
@@ -196,6 +217,12 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             metrics=state.metrics,
         )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    if settings.access_log == "json":
+        app.add_middleware(AccessLogMiddleware, traced=tracer is not None)
+    if tracer is not None:
+        from app.http.trace_context import TracingMiddleware  # imports opentelemetry
+
+        app.add_middleware(TracingMiddleware, tracer=tracer)
     app.add_middleware(RequestIdMiddleware)
     return app
 

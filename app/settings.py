@@ -135,6 +135,12 @@ class Settings(BaseSettings):
         "per core). Measured: one thread per worker made /sample slower (bench/results).",
     )
     log_level: str = Field(default="info", description=f"One of {', '.join(LOG_LEVELS)}.")
+    access_log: Literal["off", "text", "json"] = Field(
+        default="text",
+        description="One line per request at info level: `text`, uvicorn's access line (with "
+        "the request and key ids); `json`, a JSON object (request id, method, route, status, "
+        "duration, model, version, images, batch size, key id, trace id); `off`, none.",
+    )
     api_keys: str = Field(
         default="",
         description="API keys, comma-separated ID:ROLE:KEY (ROLE user or admin); with any key "

@@ -122,26 +122,32 @@ class ApiKeyMiddleware:
             await self._refuse(scope, receive, send, 401, "unauthorized", message, challenge)
             return
         self.metrics.key_requests.labels(key.key_id).inc()
-        if role == ADMIN and key.role != ADMIN:
-            message = f"key {key.key_id!r} may not call {scope['path']}: it needs an admin key"
+        # Set before the role and rate checks, so that their refusals' log lines name the key.
+        token = current_key_id.set(key.key_id)
+        try:
+            await self._admit(scope, receive, send, key.key_id, key.role != ADMIN and role == ADMIN)
+        finally:
+            current_key_id.reset(token)
+
+    async def _admit(
+        self, scope: Scope, receive: Receive, send: Send, key_id: str, needs_admin: bool
+    ) -> None:
+        if needs_admin:
+            message = f"key {key_id!r} may not call {scope['path']}: it needs an admin key"
             await self._refuse(scope, receive, send, 403, "forbidden", message)
             return
         if self.limiter is not None:
-            wait_s = self.limiter.retry_after_s(key.key_id)
+            wait_s = self.limiter.retry_after_s(key_id)
             if wait_s > 0:
                 message = (
-                    f"key {key.key_id!r} is over its rate of {self.limiter.rate_per_s:g} "
+                    f"key {key_id!r} is over its rate of {self.limiter.rate_per_s:g} "
                     "requests/s (VAE_RATE_LIMIT_PER_S); retry after the Retry-After seconds"
                 )
                 await self._refuse(
                     scope, receive, send, 429, "rate_limited", message, retry_after=wait_s
                 )
                 return
-        token = current_key_id.set(key.key_id)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            current_key_id.reset(token)
+        await self.app(scope, receive, send)
 
     async def _refuse(
         self,

@@ -49,11 +49,11 @@ class MetricsMiddleware:
         finally:
             self.metrics.requests_in_flight.dec()
             self.metrics.request_duration.labels(
-                _route_template(scope), scope["method"], str(status)
+                route_template(scope), scope["method"], str(status)
             ).observe(time.perf_counter() - started)
 
 
-def _route_template(scope: Scope) -> str:
+def route_template(scope: Scope) -> str:
     route = scope.get("route")
     if route is not None and hasattr(route, "path"):
         return str(route.path)

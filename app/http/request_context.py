@@ -103,10 +103,11 @@ class RequestIdFilter(logging.Filter):
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 
-def log_config(level: str) -> dict[str, Any]:
+def log_config(level: str, access_log: str = "text") -> dict[str, Any]:
     """logging.config.dictConfig's form of the service's logging: uvicorn's own loggers (its
-    access log too) and the app's, every line with its request id. uvicorn applies it in each
-    worker process as well."""
+    access log too) and the app's, every line with its request id; with `access_log` json, the
+    JSON access lines (app.http.access_log) on stdout, where uvicorn's would be. uvicorn applies
+    it in each worker process as well."""
     config = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {"request_id": {"()": RequestIdFilter}}
     for handler in config["handlers"].values():
@@ -116,6 +117,14 @@ def log_config(level: str) -> dict[str, Any]:
         "%(asctime)s %(levelprefix)s [%(request_id)s] %(client_addr)s key=%(key_id)s - "
         '"%(request_line)s" %(status_code)s'
     )
+    if access_log == "json":
+        config["formatters"]["access_json"] = {"()": "app.http.access_log.JsonAccessFormatter"}
+        config["handlers"]["access_json"] = {
+            "formatter": "access_json",
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stdout",
+        }
+        config["loggers"]["app.access"] = {"handlers": ["access_json"], "propagate": False}
     # The app's loggers ("app", "training", "models") print through the same handler.
     config["root"] = {"handlers": ["default"], "level": level.upper()}
     return config

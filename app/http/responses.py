@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from app.http.state import service
 from app.service.imaging import Images, encode_gif, encode_png, make_grid_png, to_base64
+from app.tracing import span
 
 PNG, GIF, JSON = "image/png", "image/gif", "application/json"
 # Encoding one small PNG (28x28: ~40 us) is cheaper on the event loop than the hop to a worker
@@ -41,6 +44,12 @@ def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
     return best
 
 
+def encoding(request: Request, images: int | None = None) -> AbstractContextManager[Any]:
+    """The `encode response` span around building a response body (a no-op unless tracing)."""
+    attributes = None if images is None else {"vae.images": images}
+    return span(service(request).tracer, "encode response", attributes)
+
+
 def images_json(images: Images) -> list[str]:
     return [to_base64(encode_png(image)) for image in images]
 
@@ -55,7 +64,19 @@ async def image_response(
     gif: bool = False,
 ) -> Response:
     """One PNG (a grid when several images), an animated GIF when allowed and asked for, or
-    JSON with `images` as base64 PNGs plus `meta`."""
+    JSON with `images` as base64 PNGs plus `meta`; traced as `encode response`."""
+    with encoding(request, len(images)):
+        return await _encoded(request, images, nrow, meta, headers, gif)
+
+
+async def _encoded(
+    request: Request,
+    images: Images,
+    nrow: int,
+    meta: dict[str, Any],
+    headers: dict[str, str] | None,
+    gif: bool,
+) -> Response:
     offers = (PNG, JSON, GIF) if gif else (PNG, JSON)
     kind = negotiate(request.headers.get("accept"), offers)
     inline = len(images) == 1 and images[0].numel() <= INLINE_MAX_PIXELS

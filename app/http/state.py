@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Query, Request
 
@@ -16,6 +16,9 @@ from app.service.registry import Registry
 from app.service.repository import ModelRepository
 from app.settings import Settings
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
 
 @dataclass
 class ServiceState:
@@ -25,6 +28,7 @@ class ServiceState:
     v2_models: dict[str, V2Model] = field(default_factory=dict)  # by name, the latest versions
     v2_versions: Versioned = field(default_factory=dict)  # every loaded version's
     ready: bool = False
+    tracer: Tracer | None = None  # None: tracing off (app.tracing)
 
     @property
     def registry(self) -> Registry | None:

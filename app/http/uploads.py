@@ -12,8 +12,10 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedImage
+from app.http.state import service
 from app.service.imaging import Images, decode_images
 from app.settings import Settings
+from app.tracing import span
 
 FIELD = "file"
 
@@ -45,7 +47,16 @@ def multipart_body(many: bool) -> dict[str, Any]:
 async def read_images(
     request: Request, settings: Settings, *, invert: bool, many: bool = True
 ) -> Images:
-    """The uploaded images as (N, 1, 28, 28) floats in [0, 1]."""
+    """The uploaded images as (N, 1, 28, 28) floats in [0, 1]; traced as `decode upload` (the
+    body's arrival, its parts and the image decoding)."""
+    with span(service(request).tracer, "decode upload") as traced:
+        images = await _read_images(request, settings, invert=invert, many=many)
+        if traced is not None:
+            traced.set_attribute("vae.images", len(images))
+    return images
+
+
+async def _read_images(request: Request, settings: Settings, *, invert: bool, many: bool) -> Images:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise InvalidInput(

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -17,6 +18,11 @@ from torch import Tensor
 from app.errors import Overloaded, ServiceError, ShuttingDown, Unavailable
 from app.metrics import Metrics
 from app.service.stats import InferenceStats, record_pass, recording
+from app.service.work_log import current_work
+from app.tracing import span
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, SpanContext, Tracer
 
 logger = logging.getLogger("app.service.batching")
 
@@ -39,6 +45,10 @@ class _Job:
     future: asyncio.Future[Inputs]
     stats: InferenceStats | None = None  # what the request counts into (v2's statistics)
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+    batch_images: int = 0  # images in the forward pass that answered it
+    # With tracing on: the request's span (the batch links to it) and its queue wait.
+    request_span: SpanContext | None = None
+    queue_span: Span | None = None
 
 
 class MicroBatcher:
@@ -48,6 +58,10 @@ class MicroBatcher:
     No job waits for a batch to fill: the worker takes whatever is queued the moment it is
     free, so a lone request runs at once, and under load the batch grows by itself while
     the previous forward pass runs. `max_wait_s` > 0 adds a short wait to gather more.
+
+    With a `tracer`, each job's time in the queue is a span of its request, and each batch a
+    span (its size an attribute, a link to every request in it, the first one its parent)
+    around a span per forward pass.
     """
 
     def __init__(
@@ -60,8 +74,10 @@ class MicroBatcher:
         max_queue_images: int,
         max_wait_s: float = 0.0,
         timeout_s: float = 30.0,
+        tracer: Tracer | None = None,
     ) -> None:
         self.name = name
+        self._tracer = tracer
         self._run = run
         self._metrics = metrics
         self._max_batch = max_batch_images
@@ -116,12 +132,14 @@ class MicroBatcher:
                 retry_after=1,
             )
         job = _Job(op, inputs, images, asyncio.get_running_loop().create_future(), recording.get())
+        if self._tracer is not None:
+            self._trace_queue(job)
         self._pending.append(job)
         self._queued_images += images
         self._metrics.queue_depth.labels(self.name).set(self._queued_images)
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), self._timeout)
+            outputs = await asyncio.wait_for(asyncio.shield(job.future), self._timeout)
         except TimeoutError:
             raise RequestTimeout(
                 f"the request waited more than {self._timeout:g} s for model {self.name!r}; "
@@ -131,6 +149,22 @@ class MicroBatcher:
             # A job that timed out (or whose client went away) is dropped if still queued.
             if not job.future.done():
                 job.future.cancel()
+            if job.queue_span is not None and job.queue_span.is_recording():
+                job.queue_span.end()  # dropped from the queue unanswered
+        work = current_work.get()
+        if work is not None:
+            work.batch(job.batch_images)
+        return outputs
+
+    def _trace_queue(self, job: _Job) -> None:
+        from opentelemetry import trace
+
+        assert self._tracer is not None
+        job.request_span = trace.get_current_span().get_span_context()
+        job.queue_span = self._tracer.start_span(
+            "queue wait",
+            attributes={"vae.model": self.name, "vae.op": job.op, "vae.images": job.images},
+        )
 
     def _take_batch(self) -> list[_Job]:
         """The oldest job plus queued jobs of the same op that fit under the image cap."""
@@ -157,15 +191,46 @@ class MicroBatcher:
                 if self._max_wait > 0:
                     await asyncio.sleep(self._max_wait)
                 jobs = self._take_batch()
+                for job in jobs:
+                    if job.queue_span is not None:
+                        job.queue_span.end()
                 self._queued_images -= sum(j.images for j in jobs)
                 self._metrics.queue_depth.labels(self.name).set(self._queued_images)
                 live = [j for j in jobs if not j.future.done()]
                 if live:
                     self._running = live
                     try:
-                        await self._run_jobs(live)
+                        with self._batch_span(live):
+                            await self._run_jobs(live)
                     finally:
                         self._running = []
+
+    def _batch_span(self, jobs: list[_Job]) -> contextlib.AbstractContextManager[Any]:
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        from opentelemetry import trace
+
+        linked = [
+            job.request_span
+            for job in jobs
+            if job.request_span is not None and job.request_span.is_valid
+        ]
+        attributes: dict[str, str | int] = {
+            "vae.model": self.name,
+            "vae.op": jobs[0].op,
+            "vae.batch.size": sum(job.images for job in jobs),
+            "vae.batch.requests": len(jobs),
+        }
+        # The batch belongs to every request in it: the first is its parent (so a request
+        # alone in its batch has the whole tree in its trace), each is linked.
+        return self._tracer.start_as_current_span(
+            "batch",
+            context=trace.set_span_in_context(trace.NonRecordingSpan(linked[0]))
+            if linked
+            else None,
+            links=[trace.Link(context) for context in linked],
+            attributes=attributes,
+        )
 
     async def _run_jobs(self, jobs: list[_Job]) -> None:
         op = jobs[0].op
@@ -181,13 +246,16 @@ class MicroBatcher:
                 return
             # One bad request must not fail the others it was batched with: retry alone.
             for job in jobs:
+                job.batch_images = job.images
                 try:
                     (alone,) = await self._forward(op, [job])
                     _succeed(job, alone)
                 except Exception as single_exc:
                     _fail(job, single_exc)
             return
+        total = sum(job.images for job in jobs)
         for job, output in zip(jobs, outputs, strict=True):
+            job.batch_images = total
             _succeed(job, output)
 
     async def _forward(self, op: str, jobs: list[_Job]) -> list[Inputs]:
@@ -197,7 +265,8 @@ class MicroBatcher:
         images = next(iter(inputs.values())).shape[0]
         joined = time.perf_counter_ns()
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, self._run, op, inputs)
+        with span(self._tracer, "model pass", {"vae.op": op, "vae.images": images}):
+            outputs = await loop.run_in_executor(self._executor, self._run, op, inputs)
         ran = time.perf_counter_ns()
         self._metrics.inference_duration.labels(self.name, op).observe((ran - joined) / 1e9)
         self._metrics.batch_size.labels(self.name, op).observe(images)

@@ -22,6 +22,7 @@ from app.service.batching import MicroBatcher
 from app.service.faults import FAULT_INPUT, requested_fault
 from app.service.inference import NO_DIGIT, one_hot
 from app.service.registry import LoadedModel
+from app.service.work_log import current_work
 from models import VAE
 from models.index import LatentIndex
 from models.prior import GaussianMixturePrior
@@ -116,6 +117,11 @@ class ModelHandle:
         return self.entry.name
 
     @property
+    def version(self) -> str:
+        """Which revision of the model answers (`LoadedModel.version`)."""
+        return self.entry.version
+
+    @property
     def num_classes(self) -> int | None:
         return self.entry.model.config.num_classes
 
@@ -150,10 +156,13 @@ class ModelHandle:
         return {"digit": self._digit_column(NO_DIGIT if digit is None else digit, n)}
 
     async def _submit(self, op: str, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        rows = next(iter(inputs.values())).shape[0]
+        work = current_work.get()
+        if work is not None:
+            work.job(self.name, self.version, rows)
         fault = requested_fault.get()
         if fault is not None:
             # Test hooks are on: every job carries a fault column, so all still batch together.
-            rows = next(iter(inputs.values())).shape[0]
             inputs = {**inputs, FAULT_INPUT: torch.full((rows,), fault)}
         return await self.batcher.submit(op, inputs)
 

@@ -184,13 +184,19 @@ class LiveApp:
 
 
 def start_app(
-    log: Path, *args: str, ready_within_s: float, settings: Mapping[str, str] | None = None
+    log: Path,
+    *args: str,
+    ready_within_s: float,
+    settings: Mapping[str, str] | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> LiveApp:
     """`python -m app ARGS` on a free loopback port, with VAE_<KEY> from `settings` and no other
-    VAE_* variable, once /readyz answers 200; killed again if it is not ready in time."""
+    VAE_* variable (plus `environment`, e.g. OTEL_*), once /readyz answers 200; killed again if
+    it is not ready in time."""
     port = free_port()
     env = clean_environment()
     env.update({f"VAE_{key.upper()}": value for key, value in (settings or {}).items()})
+    env.update(environment or {})
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "app", *args, "--host", "127.0.0.1", "--port", str(port)],

@@ -58,3 +58,37 @@ def test_the_checker_sees_a_nested_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    import torch.nn as nn\n    from starlette import x\n")
     assert {"torch", "starlette"} <= imported_roots(module)
+
+
+def eager_imports(path: Path) -> set[str]:
+    """Root packages a module imports when it is imported: its top-level statements, outside
+    functions and `if TYPE_CHECKING:` blocks."""
+    roots: set[str] = set()
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.Import):
+                roots.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                roots.add(node.module.split(".")[0])
+            elif isinstance(node, ast.If):
+                if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try | ast.With):
+                visit(node.body)
+
+    visit(ast.parse(path.read_text(), str(path)).body)
+    return roots
+
+
+TRACED = [*modules("service"), APP / "tracing.py", APP / "main.py", *modules("http")]
+
+
+@pytest.mark.parametrize("path", TRACED, ids=lambda p: str(p.relative_to(APP)))
+def test_opentelemetry_is_imported_only_when_tracing_is_on(path: Path) -> None:
+    """Tracing is an optional extra: apart from the middleware that only a traced app installs,
+    no module imports opentelemetry on import, so the app runs without it."""
+    if path == APP / "http" / "trace_context.py":
+        return
+    assert "opentelemetry" not in eager_imports(path)

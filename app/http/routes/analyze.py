@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.http.responses import JSON, PNG, images_json, negotiate
+from app.http.responses import JSON, PNG, encoding, images_json, negotiate
 from app.http.routes import error_responses, image_content
 from app.http.routes.generate import DigitQuery, Invert
 from app.http.schemas import AnomalyJSON, EncodeJSON, ReconstructJSON
 from app.http.state import ModelDep, StateDep
 from app.http.uploads import multipart_body, read_images
 from app.service.imaging import Images, heatmap_png, pairs_grid_png, to_base64
+from app.service.predict import Scored
 
 router = APIRouter(tags=["analysis"])
 UPLOAD_ERRORS = error_responses(400, 404, 408, 413, 415, 422, 503, 504)
@@ -50,21 +51,21 @@ UploadDep = Annotated[DigitUpload, Depends(digit_upload)]
     responses=UPLOAD_ERRORS,
     openapi_extra=multipart_body(True),
 )
-async def encode(handle: ModelDep, upload: UploadDep) -> EncodeJSON:
+async def encode(request: Request, handle: ModelDep, upload: UploadDep) -> Response:
     """Posterior mean and log-variance of each uploaded image."""
     out = await handle.encode(upload.x, upload.digit)
-    items = [
-        {
-            "mu": out["mu"][i].tolist(),
-            "logvar": out["logvar"][i].tolist(),
-            "digit": int(out["digit"][i]) if "digit" in out else None,
-            "digit_probability": float(out["digit_probability"][i]) if "digit" in out else None,
-        }
-        for i in range(len(upload.x))
-    ]
-    return EncodeJSON.model_validate(
-        {"model": handle.name, "latent_dim": handle.entry.latent_dim, "items": items}
-    )
+    with encoding(request, len(upload.x)):
+        items = [
+            {
+                "mu": out["mu"][i].tolist(),
+                "logvar": out["logvar"][i].tolist(),
+                "digit": int(out["digit"][i]) if "digit" in out else None,
+                "digit_probability": float(out["digit_probability"][i]) if "digit" in out else None,
+            }
+            for i in range(len(upload.x))
+        ]
+        body = {"model": handle.name, "latent_dim": handle.entry.latent_dim, "items": items}
+        return JSONResponse(EncodeJSON.model_validate(body).model_dump())
 
 
 @router.post(
@@ -76,11 +77,13 @@ async def reconstruct(request: Request, handle: ModelDep, upload: UploadDep) -> 
     """Each uploaded image beside its reconstruction (one row per input)."""
     x = upload.x
     images, error = await handle.reconstruct(x, upload.digit)
-    if negotiate(request.headers.get("accept"), (PNG, JSON)) == JSON:
-        encoded = await run_in_threadpool(images_json, images)
-        items = [{"image": img, "error": float(e)} for img, e in zip(encoded, error, strict=True)]
-        return JSONResponse({"model": handle.name, "items": items})
-    return Response(await run_in_threadpool(pairs_grid_png, x, images), media_type=PNG)
+    with encoding(request, len(images)):
+        if negotiate(request.headers.get("accept"), (PNG, JSON)) == JSON:
+            encoded = await run_in_threadpool(images_json, images)
+            pairs = zip(encoded, error, strict=True)
+            items = [{"image": img, "error": float(e)} for img, e in pairs]
+            return JSONResponse({"model": handle.name, "items": items})
+        return Response(await run_in_threadpool(pairs_grid_png, x, images), media_type=PNG)
 
 
 @router.post(
@@ -99,15 +102,20 @@ async def anomaly_score(
     ] = None,
     heatmap: Annotated[bool, Query(description="Include a per-pixel error heatmap.")] = False,
     invert: Invert = False,
-) -> AnomalyJSON:
+) -> Response:
     """Anomaly score of each uploaded image: higher = more anomalous."""
     handle.check_anomaly()  # before the body is read
     x = await read_images(request, state.settings, invert=invert)
     scored = await handle.anomaly(x, threshold)
+    with encoding(request, len(x)):
+        return JSONResponse(await _anomaly_body(handle.name, scored, heatmap, len(x)))
+
+
+async def _anomaly_body(model: str, scored: Scored, heatmap: bool, count: int) -> dict[str, Any]:
     heatmaps = (
         await run_in_threadpool(lambda: [to_base64(heatmap_png(m)) for m in scored.error_map])
         if heatmap
-        else [None] * len(x)
+        else [None] * count
     )
     items = [
         {
@@ -125,11 +133,10 @@ async def anomaly_score(
         }
         for i, score in enumerate(scored.scores)
     ]
-    return AnomalyJSON.model_validate(
-        {
-            "model": handle.name,
-            "threshold": scored.threshold,
-            "score_kind": scored.score_kind,
-            "items": items,
-        }
-    )
+    body = {
+        "model": model,
+        "threshold": scored.threshold,
+        "score_kind": scored.score_kind,
+        "items": items,
+    }
+    return AnomalyJSON.model_validate(body).model_dump()

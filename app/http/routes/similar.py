@@ -8,13 +8,14 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.http.responses import JSON, PNG, negotiate
+from app.http.responses import JSON, PNG, encoding, negotiate
 from app.http.routes import error_responses, image_content
 from app.http.routes.generate import DigitQuery, Invert
 from app.http.schemas import SimilarJSON
 from app.http.state import ModelDep, StateDep
 from app.http.uploads import multipart_body, read_images
-from app.service.imaging import encode_png, neighbours_grid_png, to_base64
+from app.service.imaging import Images, encode_png, neighbours_grid_png, to_base64
+from app.service.predict import ModelHandle, Neighbours
 
 router = APIRouter(tags=["analysis"])
 MAX_K = 64
@@ -42,6 +43,13 @@ async def similar(
     handle.check_digit(digit)
     x = await read_images(request, state.settings, invert=invert)
     found = await handle.similar(x, k, digit)
+    with encoding(request, len(x)):
+        return await _similar_response(request, handle, x, k, found)
+
+
+async def _similar_response(
+    request: Request, handle: ModelHandle, x: Images, k: int, found: Neighbours
+) -> Response:
     if negotiate(request.headers.get("accept"), (JSON, PNG)) == PNG:
 
         def grid() -> bytes:

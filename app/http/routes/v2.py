@@ -21,6 +21,7 @@ from app.http.v2_protocol import (
     decode_request,
     encode_response,
 )
+from app.tracing import span
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 SERVER_NAME = "vae-serve"
@@ -225,16 +226,18 @@ async def model_infer(request: Request, model_name: ModelName) -> Response:
     # Taken before the body is awaited: a reload meanwhile retires the version found only
     # after its requests have had their time (ModelRepository), so this one is answered by it.
     handle = state.handle(model.entry.name, model.version)
-    body = await request.body()
-    header_length = request.headers.get(HEADER_LENGTH)
-    if len(body) > INLINE_BODY_BYTES:
-        decoded = await run_in_threadpool(decode_request, body, header_length)
-    else:
-        decoded = decode_request(body, header_length)
+    with span(state.tracer, "decode request"):
+        body = await request.body()
+        header_length = request.headers.get(HEADER_LENGTH)
+        if len(body) > INLINE_BODY_BYTES:
+            decoded = await run_in_threadpool(decode_request, body, header_length)
+        else:
+            decoded = decode_request(body, header_length)
     outputs, parameters = await infer(model, decoded, handle, state.settings, state.metrics)
     encode = (model.name, model.version, decoded.id, parameters, outputs)
-    if sum(output.array.size for output in outputs) > INLINE_OUTPUT_VALUES:
-        content, headers = await run_in_threadpool(encode_response, *encode)
-    else:
-        content, headers = encode_response(*encode)
+    with span(state.tracer, "encode response"):
+        if sum(output.array.size for output in outputs) > INLINE_OUTPUT_VALUES:
+            content, headers = await run_in_threadpool(encode_response, *encode)
+        else:
+            content, headers = encode_response(*encode)
     return Response(content, headers=headers)
