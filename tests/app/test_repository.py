@@ -404,7 +404,10 @@ def test_the_readme_reload_commands_work_as_printed(
     checkpoints with one named `default`), a retraining into the served folder (with the tiny
     preset, which the test adds so as to train in seconds), then each curl, whose JSON has the
     keys and values its comment shows (digests aside)."""
-    root = tmp_path / "checkpoints"
+    # A folder of its own: the `served` fixture's `models/` folder would shadow the package
+    # for a command run beside it.
+    work = tmp_path / "readme"
+    root = work / "checkpoints"
     shutil.copytree(served[CONDITIONAL_NAME], root / "default")
     (serve_line, _), (train_line, _), *curls = readme_reload_commands()
     assert serve_line == "VAE_MODEL_CONTROL=explicit python -m app --checkpoints checkpoints/"
@@ -420,7 +423,7 @@ def test_the_readme_reload_commands_work_as_printed(
         trained = subprocess.run(
             [*shlex.split(train_line.replace("python", sys.executable, 1)), "--preset", "tiny",
              "--no-progress", "--no-sample-quality"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+            cwd=work, capture_output=True, text=True, timeout=600, check=False,
         )  # fmt: skip
         assert trained.returncode == 0, trained.stderr[-2000:]
         answers = []

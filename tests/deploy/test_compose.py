@@ -35,6 +35,7 @@ NOT_PASSED = {
     "api_keys",
     "api_keys_file",
     "rate_limit_burst",
+    "grpc_port",  # off unless set (None): an override file sets it and publishes the port
 }
 VAE_SETTINGS = tuple(
     f"VAE_{name.upper()}" for name in Settings.model_fields if name not in NOT_PASSED

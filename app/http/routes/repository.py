@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from app.errors import ManagementOff, NotReady
 from app.http.routes import error_responses
+from app.http.routes.v2 import _errors as v2_errors
 from app.http.state import ServiceState, StateDep
 from app.http.v2_models import OPS
 from app.service.repository import ModelRepository
@@ -80,6 +81,8 @@ async def _unload(state: ServiceState, name: str) -> UnloadedJSON:
 
 
 MANAGED = error_responses(400, 403, 404, 503)
+# Under /v2 errors are the protocol's {"error": ...}.
+V2_MANAGED = v2_errors(400, 403, 404, 422, 503)
 
 
 @router.post("/models/{name}/load", response_model=LoadedJSON, responses=MANAGED)
@@ -95,7 +98,7 @@ async def unload(state: StateDep, name: ModelName) -> UnloadedJSON:
     return await _unload(state, name)
 
 
-@router.post("/v2/repository/index", response_model=list[IndexEntry], responses=MANAGED)
+@router.post("/v2/repository/index", response_model=list[IndexEntry], responses=V2_MANAGED)
 async def repository_index(state: StateDep, body: IndexRequest | None = None) -> list[IndexEntry]:
     """Every model of the repository (the configured checkpoint folders) and its state."""
     repository = _managed(state, changing=False)
@@ -103,14 +106,14 @@ async def repository_index(state: StateDep, body: IndexRequest | None = None) ->
     return [row for row in rows if row.state == "READY"] if body and body.ready else rows
 
 
-@router.post("/v2/repository/models/{name}/load", responses=MANAGED)
+@router.post("/v2/repository/models/{name}/load", responses=V2_MANAGED)
 async def repository_load(state: StateDep, name: ModelName) -> dict[str, Any]:
     """Triton's load: as POST /models/{name}/load."""
     await _load(state, name)
     return {}
 
 
-@router.post("/v2/repository/models/{name}/unload", responses=MANAGED)
+@router.post("/v2/repository/models/{name}/unload", responses=V2_MANAGED)
 async def repository_unload(state: StateDep, name: ModelName) -> dict[str, Any]:
     """Triton's unload: as POST /models/{name}/unload."""
     await _unload(state, name)

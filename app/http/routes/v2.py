@@ -71,11 +71,13 @@ class ModelMetadata(BaseModel):
 
 _ERRORS = {
     400: "A malformed request, or a tensor of the wrong name, datatype, shape or size.",
+    403: "Model management is off (VAE_MODEL_CONTROL), or the key lacks the admin role.",
     404: "No such v2 model (`<model>-<op>`) or version.",
     408: "The request body stalled past VAE_BODY_TIMEOUT_S.",
     413: "Over a configured limit: body bytes or images.",
     503: "Not ready or overloaded; see Retry-After.",
     504: "The request waited past its deadline.",
+    422: "The body does not fit the request's schema.",
 }
 
 
