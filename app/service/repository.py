@@ -174,7 +174,13 @@ class ModelRepository:
                 ) from None
             current = self.served.get(name)
             if current is not None and entry.version in current.versions:
-                return current.versions[entry.version]  # that revision is loaded already
+                # That revision is loaded already (a rollback to the one before, or a load with
+                # nothing new): it becomes the newest again, and the copy just read is dropped.
+                deployed = current.versions.pop(entry.version)
+                current.versions[entry.version] = deployed
+                self.registry.put(deployed.entry)
+                self._changed()
+                return deployed
             deployed = Deployed(entry, self._started(entry))
             self._retire(self._add(entry, deployed.batcher))
             self._changed()

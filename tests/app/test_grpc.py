@@ -533,6 +533,10 @@ def test_the_concurrency_cap_counts_http_and_grpc_together(guarded: Guarded) -> 
                 b"Content-Type: application/json\r\nContent-Length: 100\r\n"
                 + f"Authorization: Bearer {KEY}\r\n\r\n{{".encode()
             )
+            # Scrapes count as requests in progress too (within the reserve): one that the server
+            # took before the held request's headers would make it a 503, so give those the
+            # time to arrive before the first scrape.
+            time.sleep(0.5)
             wait_for_in_flight(guarded.rest, 2)  # the held request and this scrape
             refused(
                 grpc.StatusCode.UNAVAILABLE,
@@ -608,7 +612,12 @@ def test_each_worker_serves_grpc_on_the_shared_port(
     )
     try:
         deadline = time.monotonic() + 120
-        while app.log.read_text().count("gRPC: the Open Inference Protocol on") < 2:
+        # Both workers listening and both with their models loaded: gRPC starts before the
+        # models do, so a worker still loading answers ModelReady with ready=False.
+        while (
+            app.log.read_text().count("gRPC: the Open Inference Protocol on") < 2
+            or app.log.read_text().count("ready: serving") < 2
+        ):
             assert time.monotonic() < deadline, app.log.read_text()
             time.sleep(0.2)
         calls = 32

@@ -445,3 +445,24 @@ def test_the_readme_reload_commands_work_as_printed(
         assert httpx2.post(f"{app.base}/sample", timeout=30).status_code == 404
     finally:
         stop_app(app)
+
+
+def test_a_rollback_to_a_loaded_version_makes_it_the_newest_again(
+    served: dict[str, Path], retrained: Path
+) -> None:
+    folder = served[CONDITIONAL_NAME]
+    old = folder.with_name("old")
+    shutil.copytree(folder, old)
+    old_version, new_version = _digest(folder)[:12], _digest(retrained)[:12]
+    for client in serve(checkpoints=str(folder), device="cpu", model_control="explicit"):
+        shutil.rmtree(folder)
+        shutil.copytree(retrained, folder)
+        assert client.post(f"/models/{folder.name}/load").json()["version"] == new_version
+        shutil.rmtree(folder)
+        shutil.copytree(old, folder)  # the previous checkpoint restored
+        rolled = client.post(f"/models/{folder.name}/load").json()
+        assert rolled["version"] == old_version
+        assert rolled["versions"] == [new_version, old_version]  # oldest first
+        assert client.post("/sample").headers["x-model-version"] == old_version
+        meta = client.get(f"/v2/models/{folder.name}-decode").json()
+        assert meta["versions"] == [new_version, old_version]
