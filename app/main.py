@@ -36,7 +36,7 @@ from app.http.middleware import (
 from app.http.request_context import RequestIdMiddleware
 from app.http.routes import analyze, bench, generate, repository, similar, system, ui, v2, v2_triton
 from app.http.state import ServiceState
-from app.http.v2_models import catalog, versioned
+from app.http.v2_models import newest, versioned
 from app.metrics import Metrics
 from app.service.batching import MicroBatcher
 from app.service.inference import run_op, warm_up
@@ -141,10 +141,7 @@ def create_app(
             def rebuild_v2() -> None:
                 assert repository is not None
                 state.v2_versions = versioned(repository, state.v2_versions)
-                state.v2_models = {
-                    name: state.v2_versions[(name, model.version)]
-                    for name, model in catalog(loaded).items()
-                }
+                state.v2_models = newest(repository, state.v2_versions)
 
             rebuild_v2()
             repository.listeners.append(rebuild_v2)

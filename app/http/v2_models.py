@@ -20,7 +20,7 @@ from app.metrics import Metrics
 from app.service.batching import RequestTimeout
 from app.service.imaging import IMAGE_SIDE
 from app.service.predict import ModelHandle, PriorName, draw_seed
-from app.service.registry import LoadedModel, Registry
+from app.service.registry import LoadedModel
 from app.service.repository import ModelRepository
 from app.service.stats import InferenceStats, recording
 from app.settings import Settings
@@ -189,11 +189,6 @@ def models_of(entry: LoadedModel) -> list[V2Model]:
     return models
 
 
-def catalog(registry: Registry) -> dict[str, V2Model]:
-    """Every v2 model of every loaded model by name, built once when the models are loaded."""
-    return {model.name: model for entry in registry.models.values() for model in models_of(entry)}
-
-
 Versioned = dict[tuple[str, str], V2Model]  # (v2 name, version) -> the v2 model
 
 
@@ -208,6 +203,16 @@ def versioned(repository: ModelRepository, previous: Versioned) -> Versioned:
                 key = (model.name, version)
                 models[key] = previous.get(key, model)
     return models
+
+
+def newest(repository: ModelRepository, models: Versioned) -> dict[str, V2Model]:
+    """Of `versioned`'s v2 models, each at its model's newest loaded version, by name: what a
+    request that pins no version gets."""
+    return {
+        name: model
+        for (name, version), model in models.items()
+        if version == repository.served[model.entry.name].latest.version
+    }
 
 
 def find_model(
