@@ -7,6 +7,7 @@ import base64
 import io
 import math
 import os
+import re
 import signal
 import socket
 import struct
@@ -236,3 +237,15 @@ def stop_app(app: LiveApp, *, graceful: bool = False) -> None:
             pass
     os.killpg(app.process.pid, signal.SIGKILL)
     app.process.wait(timeout=30)
+
+
+def readme_blocks(heading: str) -> dict[str, list[str]]:
+    """The fenced blocks of the README's section under `heading` (up to the next ### heading),
+    by language, in order."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(heading)
+    section = text[start : text.index("\n### ", start + 1)]
+    blocks: dict[str, list[str]] = {}
+    for language, block in re.findall(r"```(\w+)\n(.*?)```", section, re.S):
+        blocks.setdefault(language, []).append(block)
+    return blocks

@@ -5,7 +5,6 @@ inputs and seeds, refusing bad calls with the right status code and a message, c
 
 from __future__ import annotations
 
-import re
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from app_testing import REPO, LiveApp, free_port, metric, start_app, stop_app
+from app_testing import LiveApp, free_port, metric, readme_blocks, start_app, stop_app
 from conftest import UNCONDITIONAL_NAME
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -420,23 +419,12 @@ def test_calls_are_counted_in_the_metrics(
 # ---- the README's example ------------------------------------------------------------------
 
 
-def readme_blocks() -> dict[str, list[str]]:
-    """The fenced blocks of the README's gRPC section, by language."""
-    text = (REPO / "README.md").read_text()
-    start = text.index("### Open Inference Protocol over gRPC")
-    section = text[start : text.index("\n### ", start + 1)]
-    blocks: dict[str, list[str]] = {}
-    for language, block in re.findall(r"```(\w+)\n(.*?)```", section, re.S):
-        blocks.setdefault(language, []).append(block)
-    return blocks
-
-
 def test_the_readme_example_works_as_printed(
     server: LiveApp, grpc_port: int, tmp_path: Path
 ) -> None:
     """The README starts the server as the `server` fixture does (VAE_GRPC_PORT set), and its
     tritonclient.grpc example prints what the README says it prints."""
-    blocks = readme_blocks()
+    blocks = readme_blocks("### Open Inference Protocol over gRPC")
     assert blocks["bash"] == ["VAE_GRPC_PORT=8001 python -m app\n"]
     (example,) = blocks["python"]
     (printed,) = blocks["text"]

@@ -26,7 +26,16 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as httpclient
-from app_testing import JSON_ACCEPT, REPO, LiveApp, files, metric, png_of, start_app, stop_app
+from app_testing import (
+    JSON_ACCEPT,
+    LiveApp,
+    files,
+    metric,
+    png_of,
+    readme_blocks,
+    start_app,
+    stop_app,
+)
 from conftest import UNCONDITIONAL_NAME
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
@@ -969,17 +978,6 @@ def test_a_full_queue_is_a_503_with_retry_after(hooked: LiveApp) -> None:
 # ---- the README's examples ------------------------------------------------------------------
 
 
-def readme_blocks() -> dict[str, list[str]]:
-    """The fenced blocks of the README's v2 section, by language."""
-    text = (REPO / "README.md").read_text()
-    start = text.index("### Open Inference Protocol (v2)")
-    section = text[start : text.index("\n### ", start + 1)]
-    blocks: dict[str, list[str]] = {}
-    for language, block in re.findall(r"```(\w+)\n(.*?)```", section, re.S):
-        blocks.setdefault(language, []).append(block)
-    return blocks
-
-
 def on_server(text: str, server: LiveApp) -> str:
     return text.replace("localhost:8000", f"127.0.0.1:{server.port}")
 
@@ -987,7 +985,7 @@ def on_server(text: str, server: LiveApp) -> str:
 def test_the_readme_curl_examples_work_as_printed(server: LiveApp) -> None:
     """Each command of the README's v2 shell block, run by bash, prints the JSON in the comment
     below it."""
-    (block,) = readme_blocks()["bash"]
+    (block,) = readme_blocks("### Open Inference Protocol (v2)")["bash"]
     examples: list[tuple[str, str]] = []
     command = ""
     for line in block.splitlines():
@@ -1012,7 +1010,7 @@ def test_the_readme_curl_examples_work_as_printed(server: LiveApp) -> None:
 
 
 def test_the_readme_tritonclient_example_works_as_printed(server: LiveApp, tmp_path: Path) -> None:
-    blocks = readme_blocks()
+    blocks = readme_blocks("### Open Inference Protocol (v2)")
     (example,) = blocks["python"]
     (printed,) = blocks["text"]
     script = tmp_path / "example.py"
