@@ -171,7 +171,10 @@ def test_the_api_trains_on_its_first_start_and_turns_healthy(compose: Compose) -
 def test_prometheus_scrapes_the_api(compose: Compose) -> None:
     wait_healthy(compose)
     for seed in range(5):
-        httpx2.post(f"{compose.api_url}/sample", params={"digit": 7, "seed": seed}, timeout=60)
+        made = httpx2.post(
+            f"{compose.api_url}/sample", params={"digit": 7, "seed": seed}, timeout=60
+        )
+        assert made.status_code == 200, made.text
 
     def api_up() -> bool | None:
         try:
@@ -185,18 +188,21 @@ def test_prometheus_scrapes_the_api(compose: Compose) -> None:
         )
 
     wait_for(api_up, "Prometheus to scrape the api", 120, lambda: compose.logs("prometheus"))
-    # The requests above, counted by the api and scraped: a vae_ series, queryable.
+    # The requests above, counted by the api and scraped: a vae_ series, queryable. The first
+    # scrape may predate them (Prometheus can scrape as soon as the api answers), so wait for
+    # a scrape that includes them rather than for any series.
+    seen: dict[str, float] = {}
 
-    def requests_counted() -> list[Any] | None:
+    def requests_counted() -> bool | None:
         found = compose.prometheus(
             "/api/v1/query",
             query='sum by (route) (vae_request_duration_seconds_count{job="vae-api"})',
         )["result"]
-        return found or None
+        seen.clear()
+        seen.update({s["metric"]["route"]: float(s["value"][1]) for s in found})
+        return True if seen.get("/sample", 0) >= 5 else None
 
-    series = wait_for(requests_counted, "a vae_ series in Prometheus", 60, lambda: "")
-    by_route = {s["metric"]["route"]: float(s["value"][1]) for s in series}
-    assert by_route.get("/sample", 0) >= 5, by_route
+    wait_for(requests_counted, "the /sample requests in Prometheus", 60, lambda: repr(seen))
     # The project's rules loaded and evaluate cleanly against this api.
     groups = compose.prometheus("/api/v1/rules")["groups"]
     assert groups and all(r["health"] != "err" for g in groups for r in g["rules"]), groups
