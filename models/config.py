@@ -46,6 +46,9 @@ class VAEConfig:
     architecture: Architecture = "conv"
     # MLP: widths of the hidden layers. Conv: channels of the two stride-2 convolutions.
     hidden_dims: tuple[int, ...] = (32, 64)
+    # Conv only: residual blocks before each of the decoder's two upsampling steps; 0 = the
+    # plain decoder (and that of checkpoints saved before this field existed).
+    decoder_blocks: int = 0
     # 16 dims reconstruct MNIST well while keeping the prior easy to sample from.
     latent_dim: int = 16
     # None = unconditional; 10 = conditional on the digit (one-hot joined to input and z).
@@ -101,6 +104,10 @@ class VAEConfig:
             raise ValueError(
                 f"decoder_temperature must be in (0, 10], got {self.decoder_temperature}"
             )
+        if self.decoder_blocks < 0:
+            raise ValueError(f"decoder_blocks must be 0 or more, got {self.decoder_blocks}")
+        if self.decoder_blocks and self.architecture != "conv":
+            raise ValueError("decoder_blocks applies to the conv architecture only")
         if self.latent_dim <= 0:
             raise ValueError(f"latent_dim must be positive, got {self.latent_dim}")
         if self.num_classes is not None and self.num_classes < 2:

@@ -79,18 +79,43 @@ class ConvEncoder(nn.Module):
         return mean, logvar
 
 
+class ResidualBlock(nn.Module):
+    """x + conv3x3(relu(conv3x3(relu(x)))): more depth at one resolution, same shape out."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = x + self.body(x)
+        return out
+
+
 class ConvDecoder(nn.Module):
-    """A linear layer to (c2, 7, 7), then two stride-2 transposed convolutions to 28 x 28."""
+    """A linear layer to (c2, 7, 7), then two stride-2 transposed convolutions to 28 x 28.
+
+    `decoder_blocks` residual blocks before each transposed convolution (at 7 x 7 and at
+    14 x 14) give the decoder depth where strokes are drawn; 0 is the plain decoder of
+    checkpoints saved before the option existed (the same layers, the same weight names).
+    """
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         c1, c2 = config.hidden_dims
+        blocks = config.decoder_blocks
         self.side = config.image_size // 4
         self.c2 = c2
         self.project = nn.Linear(config.latent_dim + (config.num_classes or 0), c2 * self.side**2)
         self.upsample = nn.Sequential(
+            *(ResidualBlock(c2) for _ in range(blocks)),
             nn.ReLU(),
             nn.ConvTranspose2d(c2, c1, kernel_size=4, stride=2, padding=1),  # (B, c1, 14, 14)
+            *(ResidualBlock(c1) for _ in range(blocks)),
             nn.ReLU(),
             nn.ConvTranspose2d(c1, config.image_channels, 4, stride=2, padding=1),  # (B, 1, 28, 28)
         )

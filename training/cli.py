@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--conditional", action=argparse.BooleanOptionalAction, help="condition on the digit"
     )
     model.add_argument("--hidden-dims", type=hidden_dims, metavar="W1,W2", help="e.g. 32,64")
+    model.add_argument(
+        "--decoder-blocks",
+        type=int,
+        metavar="N",
+        help="conv: residual blocks before each of the decoder's upsampling steps (0: none)",
+    )
     model.add_argument("--latent-dim", type=int)
     model.add_argument("--likelihood", choices=LIKELIHOODS)
     model.add_argument("--gaussian-std", type=float, help="fixed pixel std (default: learned)")

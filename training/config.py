@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 MODEL_FIELDS = (
     "architecture",
     "hidden_dims",
+    "decoder_blocks",
     "latent_dim",
     "conditional",
     "likelihood",
@@ -51,6 +52,11 @@ class TrainConfig:
     architecture: Architecture = "conv"
     # Conv: channels of the two stride-2 convolutions. MLP: hidden layer widths.
     hidden_dims: tuple[int, ...] = (32, 64)
+    # Conv: residual blocks before each of the decoder's two upsampling steps (models/networks.py).
+    # None: the architecture's default, 1 for conv (issue 20: on the dev data it lifted the
+    # validation ELBO by 2.3 nats, the near-anomaly AUROCs by about 0.01 and the judges' FD, for
+    # about 1.8x the training time) and 0 for the MLP, which has no such blocks.
+    decoder_blocks: int | None = None
     # 24: with samples drawn from the fitted prior (not N(0, I), where wide latents drift to
     # other digits), more dims only help. Measured on mnist-5k, judged by an independent
     # classifier (on-digit share, FD / real floor, diversity, CAS): 16 dims 99.0%, 1.60x, 0.91,
@@ -178,6 +184,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
         object.__setattr__(self, "anomaly_statistics", tuple(self.anomaly_statistics))
+        if self.decoder_blocks is None:
+            object.__setattr__(self, "decoder_blocks", 1 if self.architecture == "conv" else 0)
         if self.preset not in PRESETS:
             raise ConfigError(unknown_preset_message(self.preset))
         if self.architecture not in ARCHITECTURES:
@@ -293,6 +301,7 @@ class TrainConfig:
         return VAEConfig(
             architecture=self.architecture,
             hidden_dims=self.hidden_dims,
+            decoder_blocks=self.decoder_blocks or 0,
             latent_dim=self.latent_dim,
             num_classes=NUM_CLASSES if self.conditional else None,
             likelihood=self.likelihood,

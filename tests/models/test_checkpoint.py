@@ -352,3 +352,14 @@ def test_an_unwritable_folder_reads_the_checkpoint_an_interrupted_save_left(
     loaded = load_checkpoint(target)
     assert loaded.metadata["run"] == 2
     assert loaded.path == tmp_path / ".ckpt.new"
+
+
+def test_a_residual_decoder_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(hidden_dims=(8, 16), latent_dim=4, decoder_blocks=1)).eval()
+    vae.save_pretrained(tmp_path / "ckpt")
+    loaded = VAE.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.decoder_blocks == 1
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    digits = torch.tensor([1, 4, 7])
+    assert torch.equal(vae.decode(z, digits), loaded.decode(z, digits))

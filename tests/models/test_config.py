@@ -25,6 +25,8 @@ def test_round_trips_through_json() -> None:
         ({"hidden_dims": (32, -1)}, "hidden_dims"),
         ({"hidden_dims": (8, 16, 32)}, "two stride-2"),
         ({"num_classes": 1}, "num_classes"),
+        ({"decoder_blocks": -1}, "decoder_blocks"),
+        ({"architecture": "mlp", "hidden_dims": (64,), "decoder_blocks": 1}, "conv architecture"),
         ({"likelihood": "gaussian", "gaussian_std": 0.0}, "gaussian_std"),
     ],
 )

@@ -14,6 +14,9 @@ CONFIGS = {
     "mlp-cond": VAEConfig(architecture="mlp", hidden_dims=(64, 32), latent_dim=4, num_classes=10),
     "conv": VAEConfig(architecture="conv", hidden_dims=(8, 16), latent_dim=4, num_classes=None),
     "conv-cond": VAEConfig(architecture="conv", hidden_dims=(8, 16), latent_dim=4, num_classes=10),
+    "conv-cond-residual": VAEConfig(
+        architecture="conv", hidden_dims=(8, 16), latent_dim=4, num_classes=10, decoder_blocks=2
+    ),
     "conv-gauss": VAEConfig(
         architecture="conv", hidden_dims=(8, 16), latent_dim=4, likelihood="gaussian"
     ),
@@ -252,3 +255,25 @@ def test_anomaly_score_is_a_mahalanobis_distance_from_the_reference() -> None:
     # Images unlike the reference (constant ones, for a reference of uniform noise) are far.
     far = model.anomaly_score(torch.ones(4, 1, 28, 28)).score
     assert float(far.min()) > 3 * float(scores.max())
+
+
+def test_decoder_blocks_add_residual_depth_and_zero_keeps_the_plain_decoder() -> None:
+    plain = VAE(CONFIGS["conv-cond"])
+    deeper = VAE(CONFIGS["conv-cond-residual"])
+    # 0 blocks: exactly the weight names (and so the checkpoints) of the decoder before the option.
+    assert [n for n in plain.state_dict() if n.startswith("decoder.")] == [
+        "decoder.project.weight",
+        "decoder.project.bias",
+        "decoder.upsample.1.weight",
+        "decoder.upsample.1.bias",
+        "decoder.upsample.3.weight",
+        "decoder.upsample.3.bias",
+    ]
+    blocks = [m for m in deeper.decoder.modules() if type(m).__name__ == "ResidualBlock"]
+    assert len(blocks) == 4  # two before each upsampling step
+    # A block is a residual: with its last convolution zeroed it passes its input through.
+    block = blocks[0]
+    torch.nn.init.zeros_(block.body[-1].weight)
+    torch.nn.init.zeros_(block.body[-1].bias)
+    x = torch.randn(2, 16, 7, 7)
+    assert torch.equal(block(x), x)

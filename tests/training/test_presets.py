@@ -24,6 +24,7 @@ def test_default_preset_is_the_conditional_conv_vae_on_mnist_5k() -> None:
     assert config == TrainConfig()
     model = config.model_config()
     assert (model.architecture, model.hidden_dims, model.latent_dim) == ("conv", (32, 64), 24)
+    assert model.decoder_blocks == 1
     assert model.num_classes == 10 and model.likelihood == "bernoulli" and model.digit_head
     assert model.anomaly_statistics == (
         "log_squared_error",
@@ -58,6 +59,14 @@ def test_mnist_full_is_a_larger_model_on_real_mnist_with_amp() -> None:
     assert config.dataset == "mnist" and config.amp
     assert config.hidden_dims > TrainConfig().hidden_dims
     assert config.latent_dim > TrainConfig().latent_dim
+
+
+def test_quality_is_the_default_model_trained_longer() -> None:
+    quality, default = TrainConfig.from_preset("quality"), TrainConfig()
+    assert quality.model_config() == default.model_config()
+    assert quality.epochs == 2 * default.epochs
+    assert quality.kl_warmup_epochs / quality.epochs == default.kl_warmup_epochs / default.epochs
+    assert quality.replace(epochs=50, kl_warmup_epochs=5, preset="default") == default
 
 
 def test_tiny_is_short_and_cheap_to_evaluate() -> None:

@@ -38,6 +38,17 @@ def test_model_config_follows_the_conditional_flag() -> None:
     assert TrainConfig(conditional=False).model_config().num_classes is None
 
 
+def test_decoder_blocks_default_to_one_for_conv_and_none_for_the_mlp() -> None:
+    assert TrainConfig().model_config().decoder_blocks == 1
+    assert TrainConfig.from_preset("mnist-full").model_config().decoder_blocks == 1
+    assert TrainConfig.from_preset("tiny").model_config().decoder_blocks == 0
+    for preset in ("mlp", "cvae-mlp"):
+        assert TrainConfig.from_preset(preset).model_config().decoder_blocks == 0
+    # Changing only the architecture needs no --decoder-blocks 0.
+    assert TrainConfig(architecture="mlp", hidden_dims=(64,)).decoder_blocks == 0
+    assert TrainConfig(decoder_blocks=2).model_config().decoder_blocks == 2
+
+
 def test_hidden_dims_from_a_list_become_a_tuple() -> None:
     assert TrainConfig(hidden_dims=[8, 16]).hidden_dims == (8, 16)  # type: ignore[arg-type]
 
@@ -82,6 +93,8 @@ def test_to_dict_is_json_and_round_trips() -> None:
         ({"latent_dim": 0}, "latent_dim"),
         ({"hidden_dims": (8,)}, "hidden_dims"),
         ({"gaussian_std": 0.1}, "gaussian"),
+        ({"decoder_blocks": -1}, "decoder_blocks"),
+        ({"architecture": "mlp", "hidden_dims": (64,), "decoder_blocks": 1}, "conv architecture"),
     ],
 )
 def test_invalid_settings_fail_with_a_message_naming_them(
