@@ -325,7 +325,7 @@ def test_trainer_trains_mnist_full_with_its_data_on_a_volume(
     from training.cli import build_parser, config_from_args
 
     trainer = services["trainer"]
-    argv = command(trainer, {"VAE_TRAIN_PRESET": "mnist-full"})
+    argv = command(trainer, {"VAE_TRAIN_PRESET": "mnist-full", "VAE_TRAIN_MODEL": "mnist-full"})
     assert argv[:3] == ["python", "-m", "training"]
     config = config_from_args(build_parser().parse_args(argv[3:]))
     assert (config.preset, config.dataset, config.download) == ("mnist-full", "mnist", True)
@@ -333,6 +333,11 @@ def test_trainer_trains_mnist_full_with_its_data_on_a_volume(
     # The data outlives the container, so the next run does not fetch it again.
     volumes = {m["target"]: m["source"] for m in mounts(trainer) if m["type"] == "volume"}
     assert is_under(config.data_dir, "/data") and volumes["/data"] in compose["volumes"]
-    # The default preset (embedded mnist-5k) runs unchanged: the data flags do nothing there.
+    # By default the slower quality preset (embedded mnist-5k) retrains the served model: the
+    # data flags do nothing there.
     default = config_from_args(build_parser().parse_args(command(trainer)[3:]))
-    assert (default.preset, default.dataset) == ("default", "mnist-5k")
+    assert (default.preset, default.dataset, default.out) == (
+        "quality",
+        "mnist-5k",
+        "/checkpoints/default",
+    )
