@@ -45,7 +45,7 @@ def test_every_train_config_knob_has_a_flag() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--preset", "huge"], "unknown preset 'huge': choose one of default, mnist-full"),
+        (["--preset", "huge"], "unknown preset 'huge': choose one of default, quality, mnist-full"),
         (["--model", "transformer"], "invalid choice: 'transformer'"),
         (["--dataset", "cifar10"], "unknown dataset 'cifar10'"),
         (["--epochs", "0"], "invalid epochs 0"),
