@@ -13,9 +13,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,26 @@ def decode_b64_png(encoded: str) -> np.ndarray:
     array = pixels(base64.b64decode(encoded, validate=True))
     assert array.shape == (SIDE, SIDE)
     return array
+
+
+def post_uploads_together(
+    base: str, uploads: Sequence[Sequence[bytes]], headers: Sequence[Mapping[str, str]]
+) -> list[int]:
+    """POST each set of PNGs to /anomaly-score from its own thread, with its own headers, all
+    released at once by a barrier so the server can batch them; the status codes, in order."""
+    together = threading.Barrier(len(uploads))
+
+    def send(index: int) -> int:
+        fields = [
+            ("file", (f"{i}.png", blob, "image/png")) for i, blob in enumerate(uploads[index])
+        ]
+        together.wait()
+        return httpx2.post(
+            f"{base}/anomaly-score", files=fields, headers=dict(headers[index]), timeout=30
+        ).status_code
+
+    with ThreadPoolExecutor(len(uploads)) as pool:
+        return list(pool.map(send, range(len(uploads))))
 
 
 def grid_size(n: int, nrow: int) -> tuple[int, int]:

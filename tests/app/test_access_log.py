@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from threading import Barrier
 from typing import Any
 
 import httpx2
 import pytest
 import torch
-from app_testing import LiveApp, png_of, start_app, stop_app
+from app_testing import LiveApp, png_of, post_uploads_together, start_app, stop_app
 
 pytestmark = pytest.mark.slow
 
@@ -103,22 +101,12 @@ def test_batch_size_is_the_micro_batch_the_request_ran_in(
         "log-batch-a": [png_of(images[0])],
         "log-batch-b": [png_of(images[1]), png_of(images[2])],
     }
-    together = Barrier(len(uploads))
-
-    def send(request_id: str) -> int:
-        fields = [
-            ("file", (f"{i}.png", blob, "image/png")) for i, blob in enumerate(uploads[request_id])
-        ]
-        together.wait()
-        return httpx2.post(
-            f"{server.base}/anomaly-score",
-            files=fields,
-            headers={**KEYED, "X-Request-ID": request_id},
-            timeout=30,
-        ).status_code
-
-    with ThreadPoolExecutor(len(uploads)) as pool:
-        assert list(pool.map(send, uploads)) == [200, 200]
+    statuses = post_uploads_together(
+        server.base,
+        list(uploads.values()),
+        [{**KEYED, "X-Request-ID": request_id} for request_id in uploads],
+    )
+    assert statuses == [200, 200]
     for request_id, blobs in uploads.items():
         line = line_of(server.log, request_id)
         assert line["route"] == "/anomaly-score" and line["status"] == 200

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,7 +19,15 @@ import httpx2
 import pytest
 import torch
 import uvicorn
-from app_testing import REPO, clean_environment, free_port, png_of, start_app, stop_app
+from app_testing import (
+    REPO,
+    clean_environment,
+    free_port,
+    png_of,
+    post_uploads_together,
+    start_app,
+    stop_app,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -167,22 +174,10 @@ def test_one_batch_span_links_every_request_it_served(
     images, _ = mnist_test
     uploads = [[png_of(images[0])], [png_of(images[1]), png_of(images[2])]]
     clients = [traceparent() for _ in uploads]
-    together = threading.Barrier(len(uploads))
-
-    def send(index: int) -> int:
-        fields = [
-            ("file", (f"{i}.png", blob, "image/png")) for i, blob in enumerate(uploads[index])
-        ]
-        together.wait()
-        return httpx2.post(
-            f"{traced.base}/anomaly-score",
-            files=fields,
-            headers={"traceparent": clients[index][2]},
-            timeout=30,
-        ).status_code
-
-    with ThreadPoolExecutor(len(uploads)) as pool:
-        assert list(pool.map(send, range(len(uploads)))) == [200, 200]
+    statuses = post_uploads_together(
+        traced.base, uploads, [{"traceparent": header} for _, _, header in clients]
+    )
+    assert statuses == [200, 200]
     traces = [traced.trace(trace_id, until="POST /anomaly-score") for trace_id, _, _ in clients]
     servers = [only(spans, "POST /anomaly-score") for spans in traces]
     for spans, server, upload in zip(traces, servers, uploads, strict=True):
@@ -244,11 +239,7 @@ def test_the_readme_console_exporter_command(trained_checkpoint: Path, tmp_path:
         environment={"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "vae-digits"},
     )
     try:
-        trace_id, _, header = traceparent()
-        answer = httpx2.post(
-            f"{app.base}/sample?digit=7", headers={"traceparent": header}, timeout=30
-        )
-        assert answer.status_code == 200
+        trace_id = traced_sample(app.base)
     finally:
         stop_app(app, graceful=True)  # the shutdown flushes what is left
     spans = [
@@ -259,6 +250,14 @@ def test_the_readme_console_exporter_command(trained_checkpoint: Path, tmp_path:
     names = {span["name"] for span in spans}
     assert {"POST /sample", "queue wait", "batch", "model pass", "encode response"} <= names
     assert {span["resource"]["attributes"]["service.name"] for span in spans} == {"vae-digits"}
+
+
+def traced_sample(base: str) -> int:
+    """POST /sample?digit=7 under a fresh client trace (it must answer 200); the trace id."""
+    trace_id, _, header = traceparent()
+    answer = httpx2.post(f"{base}/sample?digit=7", headers={"traceparent": header}, timeout=30)
+    assert answer.status_code == 200
+    return trace_id
 
 
 class Collector(http.server.BaseHTTPRequestHandler):
@@ -294,11 +293,7 @@ def test_the_readme_otlp_command_exports_to_a_collector(
         environment={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
     )
     try:
-        trace_id, _, header = traceparent()
-        answer = httpx2.post(
-            f"{app.base}/sample?digit=7", headers={"traceparent": header}, timeout=30
-        )
-        assert answer.status_code == 200
+        trace_id = traced_sample(app.base)
     finally:
         stop_app(app, graceful=True)  # the shutdown flushes what is left
         collector.shutdown()
