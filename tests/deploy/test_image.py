@@ -86,9 +86,12 @@ def test_a_source_edit_rebuilds_only_the_projects_own_layers(
         shutil.copytree(
             REPO / package, context / package, ignore=shutil.ignore_patterns("__pycache__")
         )
+    token = uuid.uuid4().hex[:8]
     with (context / "app" / "__init__.py").open("a") as module:
-        module.write("# an edit\n")
-    tag = f"vae-serve:cache-check-{uuid.uuid4().hex[:8]}"
+        # unique per run: the builder's cache outlives the run (CI machines are reused), and a
+        # fixed edit would find its own layer from an earlier run already built
+        module.write(f"# an edit {token}\n")
+    tag = f"vae-serve:cache-check-{token}"
     try:
         log = build_image(engine, tag=tag, context=str(context))
     finally:
