@@ -90,7 +90,7 @@ class ModelRepository:
         # rebuild what they derive from the loaded models).
         self.listeners: list[Callable[[], None]] = []
         for entry in registry.models.values():
-            self._add(entry, self._started(entry))
+            self._add(Deployed(entry, self._started(entry)))
 
     def _started(self, entry: LoadedModel) -> MicroBatcher:
         batcher = self._new_batcher(entry)
@@ -101,12 +101,13 @@ class ModelRepository:
             ).set(1)
         return batcher
 
-    def _add(self, entry: LoadedModel, batcher: MicroBatcher) -> list[Deployed]:
-        """Serve `entry` as its name's latest version; returns the revisions it retires."""
-        served = self.served.setdefault(entry.name, Served())
-        served.versions.pop(entry.version, None)
-        served.versions[entry.version] = Deployed(entry, batcher)
-        self.registry.put(entry)
+    def _add(self, deployed: Deployed) -> list[Deployed]:
+        """Serve `deployed` as its name's latest version (a version loaded already moves to
+        the end); returns the revisions it retires."""
+        served = self.served.setdefault(deployed.entry.name, Served())
+        served.versions.pop(deployed.version, None)
+        served.versions[deployed.version] = deployed
+        self.registry.put(deployed.entry)
         retired = []
         while len(served.versions) > self.settings.model_versions:
             oldest = next(iter(served.versions))
@@ -176,13 +177,10 @@ class ModelRepository:
             if current is not None and entry.version in current.versions:
                 # That revision is loaded already (a rollback to the one before, or a load with
                 # nothing new): it becomes the newest again, and the copy just read is dropped.
-                deployed = current.versions.pop(entry.version)
-                current.versions[entry.version] = deployed
-                self.registry.put(deployed.entry)
-                self._changed()
-                return deployed
-            deployed = Deployed(entry, self._started(entry))
-            self._retire(self._add(entry, deployed.batcher))
+                deployed = current.versions[entry.version]
+            else:
+                deployed = Deployed(entry, self._started(entry))
+            self._retire(self._add(deployed))
             self._changed()
             self.reasons.pop(name, None)
             logger.info("model %r now serves version %s", name, entry.version)
